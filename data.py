@@ -1,0 +1,579 @@
+"""Data for dp-repr: embedded datasets, random-process priors, real formats, Poisson sampling.
+
+Every script imports this file and nothing else for data. It owns:
+- "shapes", an embedded labelled and captioned set of procedurally drawn scenes (no files, no network);
+- random-process image generators (dead leaves, spectral 1/f^a noise, "shaders"): the public priors of ViP
+  (Yu et al. 2023, synthetic Shaders21k pre-training) and DP-RandP (Tang et al. 2023, after Baradad et al.
+  2021 "Learning to see by looking at noise"), simplified to vectorised torch so they run on the fly;
+- real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset shards,
+  TSV/CSV of path<TAB>caption), all returned as one ImageDataset;
+- Poisson sampling and the logical/physical batch split that DP-SGD's accounting assumes (rule 1);
+- batched torch augmentations and a byte-level tokenizer that reads no data (rule 4).
+
+    from data import load_dataset, poisson_batches, normalize
+    ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~1 s, cached in memory
+    for step in poisson_batches(len(ds), 256 / len(ds), 100, 64, generator=torch.Generator().manual_seed(0)):
+        for idx, mask in step:                               # idx [64], mask [64]: fixed shapes for vmap
+            x = normalize(ds.images(idx))                    # [64, 3, 32, 32] in [-1, 1]
+
+    python tests/bench.py data                               # generator and loader throughput
+    python data.py grid shapes runs/shapes.png               # look at a batch (also: dead_leaves, spectral, shaders)
+"""
+import hashlib
+import math
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# errors, the dataset type, pixel conventions
+
+
+class DataError(Exception):
+    """A user-facing data problem. The message is one line and names the file, path or problem."""
+
+
+class ImageDataset:
+    """The one kind of dataset every loader returns.
+
+    Small sets hold all pixels in memory (uint8 [N, C, H, W]); big ones (image folders, webdataset, COCO,
+    TSV) hold a `decode(i) -> uint8 [C, H, W]` function and decode in images(idx).
+    channels is 3 (RGB), or 1 for grey sets (MNIST, Fashion-MNIST): use to_rgb() where a model wants 3.
+    labels: LongTensor [N] or None; classes: class names or None; captions: one str per example or None.
+    """
+
+    def __init__(self, name, *, size, channels, n=None, pixels=None, decode=None, labels=None, classes=None,
+                 captions=None):
+        if pixels is None and decode is None:
+            raise ValueError("ImageDataset needs pixels or decode")
+        self.name, self.size, self.channels = name, size, channels
+        self._pixels, self._decode = pixels, decode
+        self._n = len(pixels) if pixels is not None else n
+        self.labels = labels
+        self.classes = classes
+        self.captions = captions
+        if self._n == 0:
+            raise DataError(f"{name}: the dataset is empty")
+
+    def __len__(self):
+        return self._n
+
+    def images(self, idx):
+        """idx: LongTensor or list of ints [B] -> uint8 [B, C, H, W] (decoded now for lazy formats)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if self._pixels is not None:
+            return self._pixels[idx]
+        out = torch.empty(len(idx), self.channels, self.size, self.size, dtype=torch.uint8)
+        for j, i in enumerate(idx.tolist()):
+            out[j] = self._decode(i)
+        return out
+
+    def __repr__(self):
+        extra = [k for k in ("labels", "captions") if getattr(self, k) is not None]
+        return f"ImageDataset({self.name!r}, n={self._n}, {self.channels}x{self.size}x{self.size}, {'+'.join(extra) or 'images'})"
+
+
+def normalize(x):
+    """uint8 [..., C, H, W] -> float in [-1, 1]. Fixed (x/255 - 0.5)/0.5: dataset statistics would leak data."""
+    return x.float().div(255).sub(0.5).div(0.5)
+
+
+def to_rgb(x):
+    """[B, 1, H, W] -> [B, 3, H, W] by repeating the grey channel; 3-channel input is returned as is."""
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def _seed_from(*parts):
+    """A 63-bit seed from any tuple: example streams for (seed, split, chunk) never overlap by construction."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def _uniform(shape, lo, hi, g):
+    return torch.rand(shape, generator=g) * (hi - lo) + lo
+
+
+# -----------------------------------------------------------------------------
+# the embedded "shapes" dataset: one to three objects on a textured background, labelled and captioned
+
+SHAPE_CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart", "crescent", "hexagon"]
+COLOURS = {  # saturated named colours, so a caption can name them and a background (muted) rarely matches
+    "red": (220, 30, 35), "orange": (250, 140, 20), "yellow": (245, 225, 35), "green": (40, 175, 60),
+    "cyan": (40, 215, 225), "blue": (35, 70, 230), "purple": (135, 45, 190), "pink": (250, 120, 200),
+    "white": (250, 250, 250), "black": (15, 15, 15),
+}
+COLOUR_NAMES = list(COLOURS)
+SHAPES_N = {"train": 10_000, "test": 2_000}
+_CHUNK = 1000  # examples are drawn in chunks with their own seed: example i is the same whatever n is
+
+
+def _shape_mask(c, u, v):
+    """Inside test for class c in object coordinates (u right, v down, object radius 1). u, v: [b, H, W]."""
+    au, av = u.abs(), v.abs()
+    if c == "circle":
+        return u * u + v * v <= 1
+    if c == "square":
+        return torch.maximum(au, av) <= 0.8
+    if c == "triangle":  # apex up, base at v = 0.55
+        return (v <= 0.55) & (1.73 * au - v <= 1.0)
+    if c == "cross":
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if c == "ring":
+        rho2 = u * u + v * v
+        return (rho2 <= 1) & (rho2 >= 0.36)
+    if c == "diamond":  # a tall rhombus: never a rotated square
+        return au / 0.65 + av <= 1.0
+    if c == "hexagon":
+        return torch.maximum(av * 0.866 + au * 0.5, au) <= 0.9
+    if c == "star":  # five points: the radius swings between 0.42 and 1 with the angle
+        rho = torch.sqrt(u * u + v * v)
+        phi = torch.atan2(u, -v)
+        return rho <= 0.42 + 0.58 * torch.cos(2.5 * phi).abs() ** 3
+    if c == "heart":  # (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, y up, scaled to fit the unit disc
+        x, y = u * 1.25, -v * 1.25 + 0.2
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    if c == "crescent":
+        return (u * u + v * v <= 1) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.6)
+    raise KeyError(c)
+
+
+def _position_words(cx, cy):
+    row = "top" if cy < 0.4 else "bottom" if cy > 0.6 else ""
+    col = "left" if cx < 0.4 else "right" if cx > 0.6 else ""
+    if row and col:
+        return f"at the {row} {col}"
+    if row:
+        return f"at the {row}"
+    if col:
+        return f"on the {col}"
+    return "in the centre"
+
+
+def _draw_shapes(n, size, g):
+    """n scenes -> (uint8 [n, 3, S, S], labels [n], captions). Vectorised over the batch for each object slot."""
+    S = size
+    coords = (torch.arange(S, dtype=torch.float32) + 0.5) / S  # pixel centres in (0, 1)
+    # background: a muted colour with a random texture (stripes, checks or blotchy noise)
+    grey = _uniform((n, 1), 60, 190, g)
+    base = (grey + _uniform((n, 3), -25, 25, g))[:, :, None, None]
+    theta = _uniform((n, 1, 1), 0, math.pi, g)
+    freq = _uniform((n, 1, 1), 3, 12, g)
+    ramp = coords[None, None, :] * torch.cos(theta) + coords[None, :, None] * torch.sin(theta)
+    stripes = torch.sin(2 * math.pi * freq * ramp + _uniform((n, 1, 1), 0, 6.3, g))
+    checks = torch.sign(torch.sin(math.pi * freq * coords[None, None, :]) * torch.sin(math.pi * freq * coords[None, :, None]))
+    blotch = F.interpolate(torch.randn(n, 1, 6, 6, generator=g), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    kind = torch.randint(0, 3, (n, 1, 1), generator=g)
+    texture = torch.where(kind == 0, stripes, torch.where(kind == 1, checks, blotch.clamp(-1.5, 1.5)))
+    img = base + _uniform((n, 1, 1, 1), 8, 30, g) * texture[:, None]  # [n, 3, S, S]
+
+    n_obj = torch.randint(1, 4, (n,), generator=g)
+    cls = torch.randint(0, len(SHAPE_CLASSES), (n, 3), generator=g)
+    col = torch.randint(0, len(COLOURS), (n, 3), generator=g)
+    # slot 0 is the largest object (the label); distractors are strictly smaller, so the label is never a tie
+    radius = torch.cat([_uniform((n, 1), 0.22, 0.36, g), _uniform((n, 2), 0.10, 0.17, g)], 1)
+    cx = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
+    cy = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
+    rot = _uniform((n, 3), -0.5, 0.5, g)  # about +-30 degrees: a diamond stays a diamond, a heart stays upright
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+    rgb = palette[col] + _uniform((n, 3, 3), -15, 15, g)  # [n, slot, 3]
+    for k in range(3):  # largest first, smaller objects on top of it
+        dx = (coords[None, None, :] - cx[:, k, None, None]) / radius[:, k, None, None]  # [n, 1, S]
+        dy = (coords[None, :, None] - cy[:, k, None, None]) / radius[:, k, None, None]  # [n, S, 1]
+        c, s = torch.cos(rot[:, k, None, None]), torch.sin(rot[:, k, None, None])
+        u, v = c * dx + s * dy, c * dy - s * dx  # [n, S, S]
+        mask = torch.zeros(n, S, S, dtype=torch.bool)
+        for ci, name in enumerate(SHAPE_CLASSES):
+            sel = ((cls[:, k] == ci) & (n_obj > k)).nonzero().squeeze(1)
+            if len(sel):
+                mask[sel] = _shape_mask(name, u[sel], v[sel])
+        img = torch.where(mask[:, None], rgb[:, k, :, None, None], img)
+    img = img + torch.randn(img.shape, generator=g) * 4  # sensor noise: no pixel value is exactly a palette colour
+    images = img.round().clamp(0, 255).to(torch.uint8)
+
+    captions = []
+    for i, (m, cl, co, r, x, y) in enumerate(zip(n_obj.tolist(), cls.tolist(), col.tolist(), radius.tolist(),
+                                                  cx.tolist(), cy.tolist())):
+        parts = []
+        for k in range(m):
+            size_word = "large " if r[k] > 0.29 else "" if k == 0 else "small "
+            words = f"{size_word}{COLOUR_NAMES[co[k]]} {SHAPE_CLASSES[cl[k]]} {_position_words(x[k], y[k])}"
+            parts.append(("an " if words[0] in "aeiou" else "a ") + words)
+        captions.append(parts[0] if m == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
+    return images, cls[:, 0].clone(), captions
+
+
+@lru_cache(maxsize=8)
+def _shapes_cached(seed, split, size, n):
+    chunks = []
+    for c in range(math.ceil(n / _CHUNK)):
+        g = torch.Generator().manual_seed(_seed_from("shapes", seed, split, size, c))
+        chunks.append(_draw_shapes(min(_CHUNK, n - c * _CHUNK), size, g))
+    images = torch.cat([ch[0] for ch in chunks])
+    labels = torch.cat([ch[1] for ch in chunks])
+    captions = [cap for ch in chunks for cap in ch[2]]
+    return images, labels, captions
+
+
+def shapes(split="train", *, size=32, n=None, seed=0):
+    """The embedded scenes: uint8 RGB, labels = class of the largest object, one English caption each.
+
+    Deterministic from (seed, split, size); train and test draw from separate seed streams, so they share no
+    example. n defaults to 10,000 (train) / 2,000 (test). Cached in memory per (seed, split, size, n).
+    """
+    if split not in SHAPES_N:
+        raise DataError(f"shapes: unknown split {split!r} (use train or test)")
+    n = SHAPES_N[split] if n is None else int(n)
+    if n <= 0:
+        raise DataError(f"shapes: n must be positive, got {n}")
+    if size < 8:
+        raise DataError(f"shapes: size must be at least 8, got {size}")
+    images, labels, captions = _shapes_cached(int(seed), split, int(size), n)
+    return ImageDataset(f"shapes-{split}", size=size, channels=3, pixels=images, labels=labels,
+                        classes=list(SHAPE_CLASSES), captions=list(captions))
+
+
+# -----------------------------------------------------------------------------
+# random-process priors (public data): dead leaves, spectral noise, shaders. All -> uint8 [n, 3, S, S].
+
+PRIOR_KINDS = ("dead_leaves", "spectral", "shaders")
+
+
+def dead_leaves(n, size=32, generator=None, *, leaves=40):
+    """Occluding discs and squares with radii from a power law p(r) ~ r^-3 and uniform random colours.
+
+    The r^-3 law gives scale-invariant statistics, as in natural images (Baradad et al. 2021, Sec. 3).
+    Each pixel takes the colour of the last leaf covering it (a leaf falls on top of earlier ones).
+    """
+    g, S, K = generator, size, leaves
+    coords = (torch.arange(S, dtype=torch.float32) + 0.5) / S
+    out = torch.empty(n, 3, S, S, dtype=torch.uint8)
+    rmin, rmax = 0.05, 0.6
+    weight = torch.arange(1, K + 1, dtype=torch.uint8).view(1, K, 1, 1)
+    for s in range(0, n, 256):  # blocks bound the [b, K, S, S] memory
+        b = min(256, n - s)
+        u = torch.rand(b, K, generator=g)
+        r = (rmin ** -2 - u * (rmin ** -2 - rmax ** -2)) ** -0.5  # inverse CDF of p(r) ~ r^-3 on [rmin, rmax]
+        cx, cy = _uniform((b, K), -0.1, 1.1, g), _uniform((b, K), -0.1, 1.1, g)
+        square = torch.rand(b, K, 1, generator=g) < 0.5
+        ax = ((coords - cx[..., None]) / r[..., None]).abs()  # [b, K, S]
+        ay = ((coords - cy[..., None]) / r[..., None]).abs()
+        # disc: ax^2 + ay^2 <= 1; square: max(ax, ay) <= 1, written as a sum of 0 (inside) or 2 (outside).
+        # In uint8 (x100, saturated at 101) the [b, K, S, S] sum and tests run several times faster than float.
+        ax = torch.where(square, (ax > 1).float() * 2, ax * ax).mul(100).clamp(max=101).to(torch.uint8)
+        ay = torch.where(square, (ay > 1).float() * 2, ay * ay).mul(100).clamp(max=101).to(torch.uint8)
+        inside = ax[:, :, None, :] + ay[:, :, :, None]  # [b, K, S, S]
+        inside.le_(100)  # in place on uint8: 1 inside, 0 outside
+        top = inside.mul_(weight).amax(1).long()  # index of the top leaf, 0 = background
+        colours = torch.rand(b, K + 1, 3, generator=g)
+        out[s:s + b] = (colours.gather(1, top.view(b, -1, 1).expand(-1, -1, 3)) * 255).round().to(torch.uint8).view(b, S, S, 3).permute(0, 3, 1, 2)
+    return out
+
+
+def spectral_noise(n, size=32, generator=None):
+    """Gaussian noise with a 1/f^a amplitude spectrum (a random in [0.5, 2.5]) and random colour.
+
+    The three channels are mixed by a random 3x3 matrix, so colour varies with the field instead of per channel
+    independently; each image then gets a random mean colour and contrast.
+    """
+    g, S = generator, size
+    fy = torch.fft.fftfreq(S)[:, None]
+    fx = torch.fft.rfftfreq(S)[None, :]
+    f = torch.sqrt(fx * fx + fy * fy).clamp_min(1.0 / S)
+    a = _uniform((n, 1, 1, 1), 0.5, 2.5, g)
+    amp = f ** -a  # [n, 1, S, S//2+1]
+    amp[..., 0, 0] = 0  # no DC: the mean colour is set below
+    spec = torch.view_as_complex(torch.randn(n, 3, S, S // 2 + 1, 2, generator=g))
+    field = torch.fft.irfft2(spec * amp, s=(S, S))  # [n, 3, S, S]
+    mix = torch.randn(n, 3, 3, generator=g) + torch.eye(3) * _uniform((n, 1, 1), 0, 2, g)
+    field = torch.einsum("nij,njhw->nihw", mix, field)
+    field = field / field.flatten(1).std(1).clamp_min(1e-8)[:, None, None, None]
+    img = _uniform((n, 3, 1, 1), 50, 205, g) + _uniform((n, 1, 1, 1), 25, 70, g) * field
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def shaders(n, size=32, generator=None):
+    """Procedural "shader" images: random periodic and radial fields over warped image coordinates.
+
+    A simplification of the Shaders21k idea (Baradad et al. 2022): t(x, y) = sum of sin(linear) waves, a radial
+    wave and an angular wave about a random centre, on coordinates warped by other sin fields; colour is a
+    random cosine palette rgb = A + B cos(2 pi (C t + D)) per channel (Quilez).
+    """
+    g, S = generator, size
+    c1 = torch.linspace(-1, 1, S)
+    x, y = c1[None, None, :], c1[None, :, None]  # [1, 1, S], [1, S, 1]
+
+    def p(lo, hi):
+        return _uniform((n, 1, 1), lo, hi, g)
+
+    w = p(0, 0.5) * (torch.rand(n, 1, 1, generator=g) < 0.7)  # warp strength; 30% unwarped
+    xw = x + w * torch.sin(p(1, 6) * y + p(0, 6.3))  # [n, S, S]
+    yw = y + w * torch.sin(p(1, 6) * x + p(0, 6.3))
+    t = torch.zeros(n, S, S)
+    for _ in range(3):
+        ang = p(0, math.pi)
+        t = t + p(0, 1) * torch.sin(p(1, 12) * (torch.cos(ang) * xw + torch.sin(ang) * yw) + p(0, 6.3))
+    dx, dy = xw - p(-0.8, 0.8), yw - p(-0.8, 0.8)
+    t = t + p(0, 1.5) * torch.sin(p(2, 20) * torch.sqrt(dx * dx + dy * dy + 1e-6) + p(0, 6.3))
+    t = t + p(0, 1) * torch.sin(torch.randint(1, 8, (n, 1, 1), generator=g) * torch.atan2(dy, dx) + p(0, 6.3))
+    t = t / t.flatten(1).abs().amax(1).clamp_min(1e-6)[:, None, None]  # [-1, 1]
+    A, B = _uniform((n, 3, 1, 1), 0.3, 0.7, g), _uniform((n, 3, 1, 1), 0.2, 0.5, g)
+    C, D = _uniform((n, 3, 1, 1), 0.3, 1.5, g), _uniform((n, 3, 1, 1), 0, 1, g)
+    img = A + B * torch.cos(2 * math.pi * (C * t[:, None] + D))
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+_GENERATORS = {"dead_leaves": dead_leaves, "spectral": spectral_noise, "shaders": shaders}
+
+
+def random_process_images(n, size=32, *, kinds=PRIOR_KINDS, generator=None):
+    """n images mixing the given kinds in equal shares (the remainder drawn at random), shuffled."""
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in _GENERATORS]
+    if bad or not kinds:
+        raise ValueError(f"unknown random-process kind(s) {bad or kinds}; choose from {PRIOR_KINDS}")
+    counts = [n // len(kinds)] * len(kinds)
+    for j in torch.randperm(len(kinds), generator=generator)[: n - sum(counts)].tolist():
+        counts[j] += 1
+    parts = [_GENERATORS[k](c, size, generator) for k, c in zip(kinds, counts) if c > 0]
+    out = torch.cat(parts) if parts else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return out[torch.randperm(n, generator=generator)]
+
+
+# -----------------------------------------------------------------------------
+# looking at a batch
+
+
+def save_grid(images, path, *, nrow=8, captions=None, scale=1):
+    """Write images [B, C, H, W] (uint8, or float in [0, 1] or [-1, 1]) as one PNG grid, captions under each."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    x = images.detach().cpu()
+    if x.dtype != torch.uint8:
+        x = x.float()
+        if x.min() < 0:  # [-1, 1], the normalize() range
+            x = (x + 1) / 2
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    x = to_rgb(x)
+    if scale > 1:
+        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    B, _, H, W = x.shape
+    nrow = max(1, min(nrow, B))
+    rows = math.ceil(B / nrow)
+    font, lines = ImageFont.load_default(), []
+    if captions is not None:
+        draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        for cap in captions:  # greedy word wrap to the tile width
+            out, cur = [], ""
+            for word in str(cap).split():
+                trial = f"{cur} {word}".strip()
+                if cur and draw.textlength(trial, font=font) > W:
+                    out.append(cur)
+                    cur = word
+                else:
+                    cur = trial
+            lines.append(out + [cur])
+    line_h = 12
+    text_h = line_h * max((len(l) for l in lines), default=0)
+    pad = 2
+    grid = Image.new("RGB", (nrow * (W + pad) + pad, rows * (H + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        x0, y0 = pad + c * (W + pad), pad + r * (H + text_h + pad)
+        grid.paste(Image.fromarray(x[i].permute(1, 2, 0).numpy()), (x0, y0))
+        for j, line in enumerate(lines[i] if i < len(lines) else []):
+            draw.text((x0, y0 + H + j * line_h), line, fill=(0, 0, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Poisson sampling and the logical/physical batch split (rule 1)
+
+
+def poisson_sample(n, q, *, generator=None, indices=None):
+    """Each of range(n) joins independently with probability q -> LongTensor of the included indices.
+
+    This is the sampling the RDP accountant's subsampled-Gaussian bound assumes: the batch size is random
+    (mean qn, variance q(1-q)n), never fixed. indices: optional LongTensor [n] to sample from instead of
+    range(n) (e.g. one worker's shard); each entry still joins with probability q.
+    """
+    if not 0 <= q <= 1:
+        raise ValueError(f"sampling rate q must be in [0, 1], got {q}")
+    if indices is not None:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if len(indices) != n:
+            raise ValueError(f"poisson_sample: n={n} but {len(indices)} indices given")
+    if n < 0:
+        raise ValueError(f"poisson_sample: n must be >= 0, got {n}")
+    keep = torch.rand(n, generator=generator) < q
+    picked = keep.nonzero().squeeze(1)
+    return picked if indices is None else indices[picked]
+
+
+def physical_batches(indices, physical_batch):
+    """Split a logical batch into fixed-shape micro-batches: list of (idx LongTensor [P], mask BoolTensor [P]).
+
+    Fixed P keeps vmap shapes and memory constant; padding rows have idx 0 and mask False, and must contribute
+    nothing (multiply per-example losses/gradients by mask). An empty sample gives one all-False batch, so a
+    step still adds noise (the accountant counts it).
+    """
+    P = int(physical_batch)
+    if P <= 0:
+        raise ValueError(f"physical batch must be positive, got {physical_batch}")
+    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    k = max(1, math.ceil(len(indices) / P))
+    idx = torch.zeros(k * P, dtype=torch.long)
+    mask = torch.zeros(k * P, dtype=torch.bool)
+    idx[: len(indices)] = indices
+    mask[: len(indices)] = True
+    return list(zip(idx.view(k, P).unbind(0), mask.view(k, P).unbind(0)))
+
+
+def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None):
+    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step."""
+    for _ in range(int(steps)):
+        yield physical_batches(poisson_sample(n, q, generator=generator, indices=indices), physical_batch)
+
+
+# -----------------------------------------------------------------------------
+# augmentations: torch, batched, on x's device; random draws come from `generator` (on its own device)
+
+
+def _rand(shape, generator, device):
+    gdev = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+
+def random_crop(x, pad=4, *, generator=None):
+    """x [B, C, H, W] float -> same shape: reflect-pad by `pad`, then crop H x W at a random offset per example."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    oy = (_rand(B, generator, x.device) * (2 * pad + 1)).long().clamp_max(2 * pad)
+    ox = (_rand(B, generator, x.device) * (2 * pad + 1)).long().clamp_max(2 * pad)
+    rows = oy[:, None] + torch.arange(H, device=x.device)  # [B, H]
+    cols = ox[:, None] + torch.arange(W, device=x.device)  # [B, W]
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def hflip(x, *, generator=None):
+    """Mirror each example left-right with probability 1/2."""
+    flip = _rand(x.shape[0], generator, x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_resized_crop(x, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), *, generator=None):
+    """Crop a random area fraction in `scale` with aspect in `ratio`, resize back to H x W (bilinear)."""
+    B, C, H, W = x.shape
+    r = _rand((4, B), generator, x.device)
+    area = scale[0] + (scale[1] - scale[0]) * r[0]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r[1]
+    w = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # fraction of the width
+    h = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx = (2 * r[2] - 1) * (1 - w)  # centre in [-1, 1] coordinates, crop kept inside the image
+    cy = (2 * r[3] - 1) * (1 - h)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x, strength=0.2, *, generator=None):
+    """Light brightness, contrast and saturation jitter, each factor in [1 - s, 1 + s].
+
+    x is in the normalize() range [-1, 1]; the result is clamped to it. Grey (1-channel) input skips saturation.
+    """
+    B = x.shape[0]
+    f = 1 + strength * (2 * _rand((3, B), generator, x.device) - 1)
+    f = f.to(x.dtype)[..., None, None, None]  # [3, B, 1, 1, 1]
+    y = (x + 1) / 2
+    y = y * f[0]
+    y = (y - y.mean((1, 2, 3), keepdim=True)) * f[1] + y.mean((1, 2, 3), keepdim=True)
+    if x.shape[1] == 3:
+        grey = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3])
+        y = (y - grey) * f[2] + grey
+    return (y * 2 - 1).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# byte-level tokenizer: a fixed table, fitted on nothing, so it carries no information about any data (rule 4
+
+
+class ByteTokenizer:
+    """PAD=0, BOS=1, EOS=2, byte b -> b + 3; vocab_size 259.
+
+    encode: BOS + utf-8 bytes + EOS, right-padded to exactly max_len (fixed shape for vmap). Long texts are cut
+    at a character boundary so that EOS always fits: a captioner still learns where a caption ends.
+    """
+    PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
+    vocab_size = 259
+
+    def encode(self, texts, max_len):
+        """texts: list[str] -> LongTensor [B, T], T = max_len >= 2."""
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (BOS and EOS), got {max_len}")
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), max_len), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            b = text.encode("utf-8")
+            if len(b) > max_len - 2:
+                b = b[: max_len - 2]
+                while b and (b[-1] & 0xC0) == 0x80:  # drop continuation bytes of a cut character ...
+                    b = b[:-1]
+                if b and b[-1] >= 0xC0:  # ... and its lead byte
+                    b = b[:-1]
+            ids = [self.BOS] + [c + self.OFFSET for c in b] + [self.EOS]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        """LongTensor [B, T] (or [T], or lists) -> list[str]; stops at EOS, skips PAD/BOS, bad utf-8 replaced."""
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        texts = []
+        for row in ids.tolist():
+            b = bytearray()
+            for t in row:
+                if t == self.EOS:
+                    break
+                if t >= self.OFFSET:
+                    b.append(min(t - self.OFFSET, 255))
+            texts.append(b.decode("utf-8", errors="replace"))
+        return texts
+
+
+# -----------------------------------------------------------------------------
+# load_dataset: the one entry point
+
+
+def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
+    """"shapes" (embedded) or a path to real data (format detected) -> ImageDataset.
+
+    n: keep the first n examples (shapes: generate n). seed: the shapes seed (real data ignores it).
+    """
+    if path_or_name == "shapes":
+        return shapes(split, size=size, n=n, seed=seed)
+    raise DataError(f"{path_or_name}: not found (use 'shapes' or a path to a dataset)")
+
+
+if __name__ == "__main__":
+    # python data.py grid KIND OUT.png [N]: a grid of shapes (with captions) or of a random-process kind
+    if len(sys.argv) >= 4 and sys.argv[1] == "grid":
+        kind, out = sys.argv[2], sys.argv[3]
+        count = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+        gen = torch.Generator().manual_seed(0)
+        if kind in _GENERATORS:
+            save_grid(_GENERATORS[kind](count, 32, gen), out, scale=2)
+        else:
+            ds = load_dataset(kind, n=count)
+            save_grid(ds.images(torch.arange(count)), out, captions=ds.captions, scale=4, nrow=8)
+        print(f"wrote {out}")
+    else:
+        print("usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]")
