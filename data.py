@@ -20,7 +20,9 @@ Every script imports this file and nothing else for data. It owns:
     python data.py grid shapes runs/shapes.png               # look at a batch (also: dead_leaves, spectral, shaders)
 """
 import hashlib
+import importlib
 import math
+import pickle
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +89,11 @@ def to_rgb(x):
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
+def _why(e):
+    """An exception as one short line for a DataError message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
 def _seed_from(*parts):
     """A 63-bit seed from any tuple: example streams for (seed, split, chunk) never overlap by construction."""
     h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -108,7 +115,7 @@ COLOURS = {  # saturated named colours, so a caption can name them and a backgro
 }
 COLOUR_NAMES = list(COLOURS)
 SHAPES_N = {"train": 10_000, "test": 2_000}
-_CHUNK = 1000  # examples are drawn in chunks with their own seed: example i is the same whatever n is
+_CHUNK = 500  # examples are drawn in chunks with their own seed: example i is the same whatever n is
 
 
 def _shape_mask(c, u, v):
@@ -211,11 +218,11 @@ def _shapes_cached(seed, split, size, n):
     chunks = []
     for c in range(math.ceil(n / _CHUNK)):
         g = torch.Generator().manual_seed(_seed_from("shapes", seed, split, size, c))
-        chunks.append(_draw_shapes(min(_CHUNK, n - c * _CHUNK), size, g))
-    images = torch.cat([ch[0] for ch in chunks])
-    labels = torch.cat([ch[1] for ch in chunks])
-    captions = [cap for ch in chunks for cap in ch[2]]
-    return images, labels, captions
+        chunks.append(_draw_shapes(_CHUNK, size, g))  # always whole chunks: vectorised draws depend on shape
+    images = torch.cat([ch[0] for ch in chunks])[:n]
+    labels = torch.cat([ch[1] for ch in chunks])[:n]
+    captions = [cap for ch in chunks for cap in ch[2]][:n]
+    return images.clone(), labels.clone(), captions
 
 
 def shapes(split="train", *, size=32, n=None, seed=0):
@@ -550,17 +557,480 @@ class ByteTokenizer:
 
 
 # -----------------------------------------------------------------------------
+# real formats: decoding, then one reader per format; each returns an ImageDataset
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_SPLIT_DIRS = {"train": ("train", "training"), "test": ("test", "val", "validation")}
+
+
+def _fit(img, size):
+    """PIL image -> uint8 [C, size, size]: resize the short side to size (bicubic), then centre crop."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return a[None] if a.dim() == 2 else a.permute(2, 0, 1)
+
+
+def _decode(source, size, name, mode="RGB"):
+    """Decode a path or bytes with Pillow -> uint8 [C, size, size]; any failure is a DataError naming `name`."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.format == "JPEG":
+                img.draft(mode, (size, size))  # let libjpeg decode big images at 1/2..1/8 scale: much faster
+            return _fit(img.convert(mode), size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: cannot read image ({_why(e)})") from None
+
+
+def _resize_pixels(x, size):
+    """uint8 [N, C, h, w] in memory -> [N, C, size, size] (short side, antialiased bilinear, centre crop)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    out = []
+    for c in x.split(4096):
+        y = F.interpolate(c.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        t, l = (nh - size) // 2, (nw - size) // 2
+        out.append(y[..., t:t + size, l:l + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _split_root(root, split, what):
+    """root/<split> when the data has split folders; root itself for train when it has none."""
+    if split not in _SPLIT_DIRS:
+        raise DataError(f"{root}: unknown split {split!r} (use train or test)")
+    for d in _SPLIT_DIRS[split]:
+        if (root / d).is_dir():
+            return root / d
+    if split == "train":
+        return root
+    raise DataError(f"{root}: no {split} split (put the {what} under {root}/train and {root}/test)")
+
+
+def _lazy(name, size, files, channels=3, **kw):
+    """A dataset that decodes files[i] (a path, or a (shard, offset, length) triple) on demand."""
+    def decode(i):
+        f = files[i]
+        if isinstance(f, tuple):  # webdataset member: one seek and one read in a plain file
+            shard, offset, length = f
+            with open(shard, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(length)
+            return _decode(data, size, f"{shard}@{offset}")
+        return _decode(f, size, str(f))
+    return ImageDataset(name, size=size, channels=channels, n=len(files), decode=decode, **kw)
+
+
+# --- CIFAR-10 / CIFAR-100 python pickles, read with a restricted unpickler
+
+_PICKLE_ALLOWED = {  # everything the CIFAR pickles' numpy arrays need, and nothing that can run code
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes in pickle protocol 2: a pure str -> bytes function
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise DataError(f"{self.source}: refused to unpickle {module}.{name} (only numpy arrays are allowed)")
+        module = module.replace("numpy.core.", "numpy._core.")  # numpy >= 2 moved numpy.core to numpy._core
+        return getattr(importlib.import_module(module), name)
+
+
+def _unpickle(fileobj, source):
+    u = _RestrictedUnpickler(fileobj, encoding="bytes")
+    u.source = source
+    try:
+        d = u.load()
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{source}: not a readable CIFAR pickle ({_why(e)})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{source}: not a CIFAR pickle (expected a dict, got {type(d).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _cifar_files(path):
+    """{basename: opener} for a CIFAR folder (or a folder holding one) or a CIFAR .tar.gz."""
+    import tarfile
+
+    names = {"data_batch_1", "test_batch", "batches.meta", "train", "test", "meta"}
+    if path.is_dir():
+        for d in [path] + sorted(p for p in path.iterdir() if p.is_dir()):
+            found = {p.name: p for p in d.iterdir() if p.is_file() and p.name in names | {f"data_batch_{i}" for i in range(2, 6)}}
+            if "data_batch_1" in found or ("train" in found and "meta" in found):
+                return {k: (lambda p=p: open(p, "rb")) for k, p in found.items()}, {k: str(p) for k, p in found.items()}
+        return None, None
+    if not tarfile.is_tarfile(path):
+        return None, None
+    tar = tarfile.open(path)
+    members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+    if "data_batch_1" in members or ("train" in members and "meta" in members):
+        return ({k: (lambda m=m: tar.extractfile(m)) for k, m in members.items()},
+                {k: f"{path}:{m.name}" for k, m in members.items()})
+    return None, None
+
+
+def _load_cifar(path, split, size, opener, where):
+    c10 = "data_batch_1" in opener
+    if c10:
+        parts = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta_name, label_key, names_key = "batches.meta", "labels", "label_names"
+    else:
+        parts, meta_name, label_key, names_key = [split], "meta", "fine_labels", "fine_label_names"
+    xs, ys = [], []
+    for p in parts:
+        if p not in opener:
+            raise DataError(f"{path}: CIFAR file {p} is missing")
+        with opener[p]() as f:
+            d = _unpickle(f, where[p])
+        try:
+            xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
+            ys.append(torch.as_tensor(list(d[label_key]), dtype=torch.long))
+        except (KeyError, ValueError) as e:
+            raise DataError(f"{where[p]}: not a CIFAR batch ({_why(e)})") from None
+    classes = None
+    if meta_name in opener:
+        with opener[meta_name]() as f:
+            names = _unpickle(f, where[meta_name]).get(names_key)
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names] if names is not None else None
+    name = f"{'cifar10' if c10 else 'cifar100'}-{split}"
+    return ImageDataset(name, size=size, channels=3, pixels=_resize_pixels(torch.cat(xs), size),
+                        labels=torch.cat(ys), classes=classes)
+
+
+# --- MNIST / Fashion-MNIST IDX files (raw or .gz); grey stays 1-channel
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def _read_idx(path):
+    """IDX file (raw or gzip) -> uint8 numpy array of the shape its header gives."""
+    import gzip
+
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({_why(e)})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    nd = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    body = raw[4 + 4 * nd:]
+    if len(body) != math.prod(dims):
+        raise DataError(f"{path}: corrupt IDX file (header says {dims}, {len(body)} bytes follow)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _load_idx(root, split, size):
+    prefix = "train" if split == "train" else "t10k"
+
+    def find(kind):
+        for suffix in ("", ".gz"):
+            for sep in ("-", "."):
+                p = root / f"{prefix}-{kind}{sep}ubyte{suffix}"
+                if p.exists():
+                    return p
+        raise DataError(f"{root}: missing {prefix}-{kind}-ubyte[.gz] for split {split}")
+
+    if split not in _SPLIT_DIRS:
+        raise DataError(f"{root}: unknown split {split!r} (use train or test)")
+    x = _read_idx(find("images-idx3"))
+    y = _read_idx(find("labels-idx1"))
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{root}: IDX images {x.shape} and labels {y.shape} do not match")
+    fashion = "fashion" in str(root).lower()
+    pixels = _resize_pixels(torch.from_numpy(x.copy())[:, None], size)
+    return ImageDataset(f"{'fashion-mnist' if fashion else 'mnist'}-{split}", size=size, channels=1, pixels=pixels,
+                        labels=torch.from_numpy(y.astype(np.int64)),
+                        classes=FASHION_CLASSES if fashion else [str(i) for i in range(10)])
+
+
+# --- image folders: root[/train|test]/<class>/*.jpg|png|webp (or images directly under root: unlabelled)
+
+
+def _images_in(d):
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _load_folder(root, split, size):
+    base = _split_root(root, split, "class folders")
+    class_dirs = set()
+    for d in [root] + [root / s for ss in _SPLIT_DIRS.values() for s in ss if (root / s).is_dir()]:
+        class_dirs |= {p.name for p in d.iterdir() if p.is_dir() and p.name not in ("train", "training", "test", "val", "validation")}
+    classes = sorted(c for c in class_dirs)
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        if (base / c).is_dir():
+            got = _images_in(base / c)
+            files += got
+            labels += [ci] * len(got)
+    if files:
+        return _lazy(f"{root.name}-{split}", size, files, labels=torch.tensor(labels), classes=classes)
+    files = _images_in(base)
+    if not files:
+        raise DataError(f"{base}: no images found (expected <class>/*.jpg|png|webp)")
+    return _lazy(f"{root.name}-{split}", size, files)
+
+
+# --- COCO captions: annotations/captions_<split>*.json + <split>*/ image folder
+
+
+def _load_coco(json_path, size):
+    import json
+
+    try:
+        d = json.loads(Path(json_path).read_text())
+        images = {im["id"]: im["file_name"] for im in d["images"]}
+        anns = sorted(d["annotations"], key=lambda a: a.get("id", 0))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{json_path}: not a COCO captions file ({_why(e)})") from None
+    stem = json_path.stem.replace("captions_", "")  # captions_train2017 -> train2017
+    root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
+    img_dir = next((d for d in (root / stem, root / "images" / stem, root / "images", root) if d.is_dir()), root)
+    caps = {}
+    for a in anns:
+        caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
+    ids = sorted(i for i in images if i in caps)
+    if not ids:
+        raise DataError(f"{json_path}: no captioned images")
+    files = [img_dir / images[i] for i in ids]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise DataError(f"{missing}: image listed in {json_path.name} not found")
+    ds = _lazy(f"coco-{stem}", size, files, captions=[caps[i][0] for i in ids])
+    ds.all_captions = [caps[i] for i in ids]
+    return ds
+
+
+def _coco_json(root, split):
+    d = root / "annotations" if (root / "annotations").is_dir() else root
+    cands = sorted(d.glob("captions_*.json"))
+    for s in _SPLIT_DIRS.get(split, (split,)):
+        hit = [p for p in cands if p.stem[len("captions_"):].startswith(s)]
+        if hit:
+            return hit[0]
+    if cands:
+        raise DataError(f"{d}: no captions_{split}*.json (found {', '.join(p.name for p in cands)})")
+    return None
+
+
+# --- webdataset shards (img2dataset: key.jpg|png|webp + key.txt [+ key.cls]), indexed by member offsets
+
+INDEX_VERSION = 1
+
+
+def _index_path(shard):
+    side = shard.with_name(shard.name + ".idx.json")
+    if side.exists() or _writable(shard.parent):
+        return side
+    h = hashlib.sha256(str(shard.resolve()).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "dp-repr" / f"{shard.stem}-{h}.idx.json"
+
+
+def _writable(d):
+    import os
+
+    return os.access(d, os.W_OK)
+
+
+def _shard_index(shard):
+    """[(key, offset, length, caption|None, cls|None)] for one tar shard; cached as JSON, keyed on size+mtime."""
+    import json
+    import tarfile
+
+    st = shard.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    ip = _index_path(shard)
+    try:
+        cached = json.loads(ip.read_text())
+        if cached.get("version") == INDEX_VERSION and cached.get("stamp") == stamp:
+            return [tuple(e) for e in cached["entries"]]
+    except (OSError, ValueError, AttributeError):
+        pass
+    samples = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key, ext = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
+                s = samples.setdefault(key, {})
+                if "." + ext in IMAGE_EXTS:
+                    s["img"] = (m.offset_data, m.size)
+                elif ext in ("txt", "cls"):
+                    s[ext] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{shard}: not a readable tar shard ({_why(e)})") from None
+    entries = []
+    for key, s in samples.items():
+        if "img" in s:
+            cls = int(s["cls"]) if s.get("cls", "").lstrip("-").isdigit() else None
+            entries.append((key, s["img"][0], s["img"][1], s.get("txt"), cls))
+    try:
+        ip.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ip.with_name(ip.name + ".tmp")
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, "stamp": stamp, "entries": entries}))
+        tmp.replace(ip)
+    except OSError:
+        pass  # an unwritable cache only costs a re-index next time
+    return entries
+
+
+def _load_webdataset(shards, name, size):
+    files, captions, labels = [], [], []
+    for shard in shards:
+        for key, off, length, cap, cls in _shard_index(shard):
+            files.append((str(shard), off, length))
+            captions.append(cap)
+            labels.append(cls)
+    if not files:
+        raise DataError(f"{name}: no image samples in {len(shards)} tar shard(s)")
+    has_cap = any(c is not None for c in captions)
+    has_cls = all(c is not None for c in labels)
+    return _lazy(name, size, files, captions=[c or "" for c in captions] if has_cap else None,
+                 labels=torch.tensor(labels) if has_cls else None)
+
+
+# --- TSV/CSV: image_path<TAB>caption (CSV: comma), paths relative to the file; an optional header row
+
+
+def _load_table(path, size):
+    import csv
+
+    delim = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter=delim))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read table ({_why(e)})") from None
+    rows = [(i + 1, r) for i, r in enumerate(rows) if r and any(x.strip() for x in r)]
+    if rows and rows[0][1][0].strip().lower() in ("image", "image_path", "path", "filepath", "file", "filename", "url"):
+        rows = rows[1:]
+    files, captions = [], []
+    for line, r in rows:
+        if len(r) < 2:
+            raise DataError(f"{path}:{line}: expected image_path{'<TAB>' if delim != ',' else ','}caption")
+        f = Path(r[0].strip())
+        f = f if f.is_absolute() else path.parent / f
+        if not f.is_file():
+            raise DataError(f"{path}:{line}: image {f} not found")
+        files.append(f)
+        captions.append(delim.join(r[1:]).strip())
+    if not files:
+        raise DataError(f"{path}: no rows (expected image_path<TAB>caption lines)")
+    return _lazy(path.stem, size, files, captions=captions)
+
+
+# -----------------------------------------------------------------------------
 # load_dataset: the one entry point
+
+
+def _detect(path, split, size):
+    """Pick the reader for a path; DataError when nothing fits."""
+    if path.is_file():
+        suffix = "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".tar.gz") else path.suffix.lower()
+        if suffix in (".tsv", ".csv", ".txt"):
+            return _load_table(path, size)
+        if suffix == ".json":
+            return _load_coco(path, size)
+        if suffix in (".tar.gz", ".tgz", ".tar"):
+            opener, where = _cifar_files(path)
+            if opener:
+                return _load_cifar(path, split, size, opener, where)
+            if suffix == ".tar":
+                return _load_webdataset([path], path.stem, size)
+            raise DataError(f"{path}: a .tar.gz that is not CIFAR; extract it first (tar xzf {path.name} -C DIR) "
+                            f"and pass DIR")
+        if suffix in IMAGE_EXTS:
+            raise DataError(f"{path}: a single image; pass the folder that holds the dataset")
+        raise DataError(f"{path}: unknown dataset format (expected a folder, CIFAR .tar.gz, .tar shards, .tsv/.csv "
+                        f"or COCO .json)")
+    opener, where = _cifar_files(path)
+    if opener:
+        return _load_cifar(path, split, size, opener, where)
+    if any(path.glob("*idx3-ubyte*")):
+        return _load_idx(path, split, size)
+    coco = _coco_json(path, split)
+    if coco is not None:
+        return _load_coco(coco, size)
+    if any(path.glob("*.tar")) or any(path.glob("*/*.tar")):
+        base = _split_root(path, split, "shards")
+        shards = sorted(base.glob("*.tar"))
+        if not shards:
+            raise DataError(f"{base}: no .tar shards")
+        return _load_webdataset(shards, f"{path.name}-{split}", size)
+    tables = sorted(p for p in path.iterdir() if p.suffix.lower() in (".tsv", ".csv"))
+    if tables:
+        hit = [p for p in tables if p.stem.lower() in _SPLIT_DIRS.get(split, (split,))]
+        if hit:
+            return _load_table(hit[0], size)
+        if len(tables) == 1 and split == "train":
+            return _load_table(tables[0], size)
+        raise DataError(f"{path}: no {split}.tsv/.csv among {', '.join(p.name for p in tables)}")
+    if not any(path.iterdir()):
+        raise DataError(f"{path}: empty folder")
+    return _load_folder(path, split, size)
 
 
 def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
     """"shapes" (embedded) or a path to real data (format detected) -> ImageDataset.
 
-    n: keep the first n examples (shapes: generate n). seed: the shapes seed (real data ignores it).
+    Formats: CIFAR-10/100 pickles (folder or .tar.gz), MNIST/Fashion-MNIST IDX (raw or .gz; 1 channel), image
+    folders (root[/train|test]/<class>/*.jpg), COCO (annotations/captions_<split>*.json + images; one example per
+    image, caption = its first caption, all of them in ds.all_captions: the privacy unit stays the image),
+    webdataset .tar shards (key.jpg + key.txt [+ key.cls]; index cached as <shard>.idx.json), TSV/CSV of
+    image_path<TAB>caption. Splits: train / test (test also finds val). n: keep the first n examples (shapes:
+    generate n). seed: the shapes seed; real data ignores it. Images are resized (short side) and centre-cropped
+    to size x size.
     """
     if path_or_name == "shapes":
         return shapes(split, size=size, n=n, seed=seed)
-    raise DataError(f"{path_or_name}: not found (use 'shapes' or a path to a dataset)")
+    if size < 1:
+        raise DataError(f"size must be positive, got {size}")
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (use 'shapes' or a path to a dataset)")
+    ds = _detect(path, split, size)
+    if n is not None:
+        ds = _first(ds, int(n))
+    return ds
+
+
+def _first(ds, n):
+    """The first n examples of ds (all of them when n >= len(ds))."""
+    if n <= 0:
+        raise DataError(f"{ds.name}: n must be positive, got {n}")
+    if n >= len(ds):
+        return ds
+    decode = ds._decode
+    out = ImageDataset(ds.name, size=ds.size, channels=ds.channels, n=n,
+                       pixels=None if ds._pixels is None else ds._pixels[:n], decode=decode,
+                       labels=None if ds.labels is None else ds.labels[:n], classes=ds.classes,
+                       captions=None if ds.captions is None else ds.captions[:n])
+    if hasattr(ds, "all_captions"):
+        out.all_captions = ds.all_captions[:n]
+    return out
 
 
 if __name__ == "__main__":
