@@ -304,7 +304,7 @@ def epsilon_from_rdp(*, rdp, orders, delta):
     if not rdp.any():
         return 0.0, float(orders.max())
     eps, best = _eps_and_order(rdp, orders, delta)
-    if math.isfinite(eps) and orders.size > 1 and orders[best] in (orders.min(), orders.max()):
+    if 0 < eps < math.inf and orders.size > 1 and orders[best] in (orders.min(), orders.max()):
         warnings.warn(f"best RDP order {orders[best]:g} is at the edge of the order grid "
                       f"[{orders.min():g}, {orders.max():g}]; eps = {eps:.4g} may be loose", stacklevel=2)
     return eps, float(orders[best])
