@@ -19,17 +19,24 @@ Every script imports this file and nothing else for data. It owns:
     python tests/bench.py data                               # generator and loader throughput
     python data.py grid shapes runs/shapes.png               # look at a batch (also: dead_leaves, spectral, shaders)
 """
+import csv
+import gzip
 import hashlib
 import importlib
+import io
+import json
 import math
+import os
 import pickle
 import sys
+import tarfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 # -----------------------------------------------------------------------------
 # errors, the dataset type, pixel conventions
@@ -184,10 +191,14 @@ def _draw_shapes(n, size, g):
     radius = torch.cat([_uniform((n, 1), 0.22, 0.36, g), _uniform((n, 2), 0.10, 0.17, g)], 1)
     cx = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
     cy = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
+    for _ in range(6):  # redraw distractors that sit mostly behind the main object, so captions name visible things
+        hidden = (cx[:, 1:] - cx[:, :1]) ** 2 + (cy[:, 1:] - cy[:, :1]) ** 2 < (radius[:, :1] + 0.3 * radius[:, 1:]) ** 2
+        cx[:, 1:] = torch.where(hidden, _uniform((n, 2), 0.1, 0.9, g), cx[:, 1:])
+        cy[:, 1:] = torch.where(hidden, _uniform((n, 2), 0.1, 0.9, g), cy[:, 1:])
     rot = _uniform((n, 3), -0.5, 0.5, g)  # about +-30 degrees: a diamond stays a diamond, a heart stays upright
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
     rgb = palette[col] + _uniform((n, 3, 3), -15, 15, g)  # [n, slot, 3]
-    for k in range(3):  # largest first, smaller objects on top of it
+    for k in (2, 1, 0):  # the largest (labelled) object last: distractors never hide it
         dx = (coords[None, None, :] - cx[:, k, None, None]) / radius[:, k, None, None]  # [n, 1, S]
         dy = (coords[None, :, None] - cy[:, k, None, None]) / radius[:, k, None, None]  # [n, S, 1]
         c, s = torch.cos(rot[:, k, None, None]), torch.sin(rot[:, k, None, None])
@@ -356,8 +367,6 @@ def random_process_images(n, size=32, *, kinds=PRIOR_KINDS, generator=None):
 
 def save_grid(images, path, *, nrow=8, captions=None, scale=1):
     """Write images [B, C, H, W] (uint8, or float in [0, 1] or [-1, 1]) as one PNG grid, captions under each."""
-    from PIL import Image, ImageDraw, ImageFont
-
     x = images.detach().cpu()
     if x.dtype != torch.uint8:
         x = x.float()
@@ -565,8 +574,6 @@ _SPLIT_DIRS = {"train": ("train", "training"), "test": ("test", "val", "validati
 
 def _fit(img, size):
     """PIL image -> uint8 [C, size, size]: resize the short side to size (bicubic), then centre crop."""
-    from PIL import Image
-
     w, h = img.size
     if (w, h) != (size, size):
         s = size / min(w, h)
@@ -580,10 +587,6 @@ def _fit(img, size):
 
 def _decode(source, size, name, mode="RGB"):
     """Decode a path or bytes with Pillow -> uint8 [C, size, size]; any failure is a DataError naming `name`."""
-    import io
-
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             if img.format == "JPEG":
@@ -621,15 +624,15 @@ def _split_root(root, split, what):
 
 
 def _lazy(name, size, files, channels=3, **kw):
-    """A dataset that decodes files[i] (a path, or a (shard, offset, length) triple) on demand."""
+    """A dataset that decodes files[i] (a path, or a webdataset (shard, key, offset, length)) on demand."""
     def decode(i):
         f = files[i]
         if isinstance(f, tuple):  # webdataset member: one seek and one read in a plain file
-            shard, offset, length = f
+            shard, key, offset, length = f
             with open(shard, "rb") as fh:
                 fh.seek(offset)
                 data = fh.read(length)
-            return _decode(data, size, f"{shard}@{offset}")
+            return _decode(data, size, f"{shard}:{key}")
         return _decode(f, size, str(f))
     return ImageDataset(name, size=size, channels=channels, n=len(files), decode=decode, **kw)
 
@@ -669,8 +672,6 @@ def _unpickle(fileobj, source):
 
 def _cifar_files(path):
     """{basename: opener} for a CIFAR folder (or a folder holding one) or a CIFAR .tar.gz."""
-    import tarfile
-
     names = {"data_batch_1", "test_batch", "batches.meta", "train", "test", "meta"}
     if path.is_dir():
         for d in [path] + sorted(p for p in path.iterdir() if p.is_dir()):
@@ -724,8 +725,6 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 def _read_idx(path):
     """IDX file (raw or gzip) -> uint8 numpy array of the shape its header gives."""
-    import gzip
-
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as e:
@@ -795,8 +794,6 @@ def _load_folder(root, split, size):
 
 
 def _load_coco(json_path, size):
-    import json
-
     try:
         d = json.loads(Path(json_path).read_text())
         images = {im["id"]: im["file_name"] for im in d["images"]}
@@ -847,16 +844,11 @@ def _index_path(shard):
 
 
 def _writable(d):
-    import os
-
     return os.access(d, os.W_OK)
 
 
 def _shard_index(shard):
     """[(key, offset, length, caption|None, cls|None)] for one tar shard; cached as JSON, keyed on size+mtime."""
-    import json
-    import tarfile
-
     st = shard.stat()
     stamp = [st.st_size, st.st_mtime_ns]
     ip = _index_path(shard)
@@ -902,7 +894,7 @@ def _load_webdataset(shards, name, size):
     files, captions, labels = [], [], []
     for shard in shards:
         for key, off, length, cap, cls in _shard_index(shard):
-            files.append((str(shard), off, length))
+            files.append((str(shard), key, off, length))
             captions.append(cap)
             labels.append(cls)
     if not files:
@@ -917,8 +909,6 @@ def _load_webdataset(shards, name, size):
 
 
 def _load_table(path, size):
-    import csv
-
     delim = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter=delim))

@@ -406,6 +406,18 @@ def test_webdataset_shards_and_index_cache(tmp_path, monkeypatch):
     assert len(ds2) == 2 and ds2.labels is None and ds2.captions[0] == "caption 4 ünïcode"
 
 
+def test_webdataset_corrupt_member_names_shard_and_key(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, blob in (("k1.jpg", b"garbage"), ("k1.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    ds = load_dataset(str(tmp_path))
+    assert ds.captions == ["a caption"]
+    with pytest.raises(DataError, match=r"00000\.tar:k1"):
+        ds.images([0])
+
+
 def test_webdataset_splits(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
