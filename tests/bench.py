@@ -1,0 +1,131 @@
+"""Speed benchmarks: a plain script, not a test (pytest collects only test_*.py).
+
+    python tests/bench.py               # every section
+    python tests/bench.py accountant    # only the named sections
+
+To add a section: write `def bench_<name>():` that prints its own lines, and register it in SECTIONS.
+Timings are medians over several calls, on CPU, in milliseconds; a busy machine makes them worse, never better.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def median_ms(calls):
+    """Median wall time in ms of each zero-argument callable in `calls` (one call each)."""
+    times = []
+    for call in calls:
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), max(times)
+
+
+def report(name, ms, worst, target):
+    verdict = "ok" if ms <= target else "OVER TARGET"
+    print(f"  {name:<44} {ms:8.2f} ms median  {worst:8.2f} ms max   target <= {target:g} ms  {verdict}")
+
+
+# --- accountant.py --------------------------------------------------------------------------------------------------
+
+def bench_accountant():
+    import warnings
+
+    import numpy as np
+
+    import accountant as acc
+
+    warnings.simplefilter("ignore")  # edge-of-grid warnings are not what is measured here
+    # one call first: builds the per-grid binomial tables, once per process
+    acc.epsilon(q=0.01, sigma=1.0, steps=100, delta=1e-5)
+
+    # epsilon(): a different (q, sigma) every call, so nothing computed for one call helps the next
+    settings = [(q, s) for q in (256 / 60000, 0.01, 0.1, 0.5) for s in np.linspace(0.6, 8.0, 15)]
+    ms, worst = median_ms([lambda q=q, s=s: acc.epsilon(q=q, sigma=s, steps=10_000, delta=1e-5)
+                           for q, s in settings])
+    report(f"epsilon() over {len(acc.DEFAULT_ORDERS)} orders", ms, worst, 5)
+
+    cases = [(eps, q, steps) for eps in (0.5, 1, 3, 8) for q, steps in ((256 / 60000, 14063), (0.01, 5000),
+                                                                         (0.1, 200))]
+    ms, worst = median_ms([lambda e=e, q=q, t=t: acc.calibrate_sigma(target_eps=e, q=q, steps=t, delta=1e-5)
+                           for e, q, t in cases])
+    report("calibrate_sigma()", ms, worst, 100)
+
+    # what a training loop pays per progress-bar update: same (q, sigma), RDP cached by the accountant
+    a = acc.RDPAccountant()
+    a.step(q=0.01, sigma=1.0, steps=100)
+    a.epsilon(1e-5)
+    ms, worst = median_ms([lambda: (a.step(q=0.01, sigma=1.0), a.epsilon(1e-5)) for _ in range(200)])
+    print(f"  {'RDPAccountant.step + epsilon (cached RDP)':<44} {ms:8.2f} ms median  {worst:8.2f} ms max")
+
+
+# --- data.py --------------------------------------------------------------------------------------------------------
+
+def bench_data():
+    """Random-process generators and shapes on one thread (target >= 5,000 images/s at 32x32); loader throughput."""
+    import tarfile
+    import tempfile
+
+    import torch
+
+    import data
+    from conftest import SHARED_DATA
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the generator target is per CPU core
+    try:
+        for kind in data.PRIOR_KINDS:
+            fn = {"dead_leaves": data.dead_leaves, "spectral": data.spectral_noise, "shaders": data.shaders}[kind]
+            fn(256, 32, torch.Generator().manual_seed(0))  # warm-up
+            ms, worst = median_ms([lambda fn=fn, s=s: fn(2000, 32, torch.Generator().manual_seed(s)) for s in range(3)])
+            verdict = "ok" if 2000 / ms * 1e3 >= 5000 else "UNDER TARGET"
+            print(f"  {kind + ' 3x32x32, 1 thread':<44} {2000 / ms * 1e3:8.0f} images/s (target >= 5000)  {verdict}")
+        data._shapes_cached.cache_clear()
+        t0 = time.perf_counter()
+        ds = data.load_dataset("shapes")
+        dt = time.perf_counter() - t0
+        print(f"  {'shapes train (10,000 x 3x32x32), 1 thread':<44} {len(ds) / dt:8.0f} images/s  ({dt:.2f} s)")
+    finally:
+        torch.set_num_threads(threads)
+    tarball = SHARED_DATA / "cifar10-jpeg.tar.gz"
+    if not tarball.exists():
+        print(f"  cifar10 image folder: skipped ({tarball} absent)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, members=[m for m in tar if m.name.lstrip("./").startswith("test/")], filter="data")
+        print(f"  read {tarball}: extracted test/ in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        ds = data.load_dataset(tmp, split="test")
+        print(f"  {'cifar10 jpeg folder: list ' + str(len(ds)) + ' files':<44} {time.perf_counter() - t0:8.2f} s")
+        count, t0 = 0, time.perf_counter()
+        for step in data.poisson_batches(len(ds), 256 / len(ds), 10, 128, generator=torch.Generator().manual_seed(0)):
+            for idx, mask in step:  # what a training step pays: decode a fixed-shape micro-batch, augment it
+                data.random_crop(data.normalize(ds.images(idx)))
+                count += int(mask.sum())
+        dt = time.perf_counter() - t0
+        print(f"  {'cifar10 jpeg: Poisson ~256, decode + crop':<44} {count / dt:8.0f} sampled images/s")
+
+
+SECTIONS = {"accountant": bench_accountant, "data": bench_data}
+
+
+def main(argv=None):
+    names = sys.argv[1:] if argv is None else argv
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    for name in names or SECTIONS:
+        print(f"[{name}]")
+        SECTIONS[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
