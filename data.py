@@ -46,11 +46,15 @@ class DataError(Exception):
     """A user-facing data problem. The message is one line and names the file, path or problem."""
 
 
+MEMO_BYTES = 2 * 1024 ** 3  # lazy sets keep decoded pixels in memory up to this size
+
+
 class ImageDataset:
     """The one kind of dataset every loader returns.
 
-    Small sets hold all pixels in memory (uint8 [N, C, H, W]); big ones (image folders, webdataset, COCO,
-    TSV) hold a `decode(i) -> uint8 [C, H, W]` function and decode in images(idx).
+    Small sets hold all pixels in memory (uint8 [N, C, H, W]); file-backed ones (image folders, webdataset,
+    COCO, TSV) hold a `decode(i) -> uint8 [C, H, W]` function and decode in images(idx), keeping what they
+    decoded when the whole set fits in MEMO_BYTES (so only the first epoch pays for decoding).
     channels is 3 (RGB), or 1 for grey sets (MNIST, Fashion-MNIST): use to_rgb() where a model wants 3.
     labels: LongTensor [N] or None; classes: class names or None; captions: one str per example or None.
     """
@@ -61,6 +65,7 @@ class ImageDataset:
             raise ValueError("ImageDataset needs pixels or decode")
         self.name, self.size, self.channels = name, size, channels
         self._pixels, self._decode = pixels, decode
+        self._memo, self._memo_done = None, None  # decoded images of a lazy set, when they fit in MEMO_BYTES
         self._n = len(pixels) if pixels is not None else n
         self.labels = labels
         self.classes = classes
@@ -76,6 +81,15 @@ class ImageDataset:
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         if self._pixels is not None:
             return self._pixels[idx]
+        if self._memo is None and self._n * self.channels * self.size ** 2 <= MEMO_BYTES:
+            # small enough to keep: each image is decoded once, later epochs read memory (CIFAR at 32px: 150 MB)
+            self._memo = torch.empty(self._n, self.channels, self.size, self.size, dtype=torch.uint8)
+            self._memo_done = torch.zeros(self._n, dtype=torch.bool)
+        if self._memo is not None:
+            for i in idx[~self._memo_done[idx]].unique().tolist():
+                self._memo[i] = self._decode(i)
+                self._memo_done[i] = True
+            return self._memo[idx]
         out = torch.empty(len(idx), self.channels, self.size, self.size, dtype=torch.uint8)
         for j, i in enumerate(idx.tolist()):
             out[j] = self._decode(i)

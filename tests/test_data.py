@@ -338,6 +338,21 @@ def test_image_folder_with_splits(tmp_path):
     assert load_dataset(str(tmp_path), size=20).images([0]).shape == (1, 3, 20, 20)
 
 
+def test_lazy_sets_decode_once_when_small(tmp_path, monkeypatch):
+    pics = _folder(tmp_path)
+    ds = load_dataset(str(tmp_path))
+    first = ds.images([0, 4, 0])
+    for p in pics:
+        os.remove(p)
+    assert torch.equal(ds.images([0, 4, 0]), first)  # kept in memory: the files are not read again
+    with pytest.raises(DataError, match="1.png"):
+        ds.images([1])
+    monkeypatch.setattr(data, "MEMO_BYTES", 0)
+    _folder(tmp_path / "big")
+    big = load_dataset(str(tmp_path / "big"))
+    assert torch.equal(big.images([1, 1]), big.images([1, 1])) and big._memo is None
+
+
 def test_image_folder_resize_is_centre_crop(tmp_path):
     a = np.zeros((32, 64, 3), np.uint8)
     a[:, 16:48] = 255  # a white square in the middle of a wide image
