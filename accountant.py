@@ -180,6 +180,16 @@ def _log_abs_expm1(x):
     return np.where(x < 0, neg, _log_expm1(np.maximum(x, 0.0))), np.sign(x)
 
 
+@lru_cache(maxsize=16)
+def _frac_layout(alphas: tuple):
+    """Fractional parts of the alphas (unique, with each alpha's index into them) and integer parts: j = alpha - i
+    takes one of few values f + integer, so Phi at (j - z0) / sigma is tabulated once per fractional part f."""
+    a = np.array(alphas, dtype=np.float64)
+    whole = np.floor(a)
+    frac, group = np.unique(a - whole, return_inverse=True)
+    return frac, group, whole.astype(np.int64)
+
+
 def _frac_terms(alphas, n, q, sigma):
     """The signed terms of A_alpha - 1 for fractional alpha: log magnitudes and signs, (alphas, parts, n).
 
@@ -193,22 +203,27 @@ def _frac_terms(alphas, n, q, sigma):
     C(alpha, i) alternates in sign for i > alpha, so every part is a signed, alternating series: never summed by
     absolute value.
     """
-    log_c, sign_c = _frac_binom_table(tuple(float(a) for a in alphas), n)
+    key = tuple(float(a) for a in alphas)
+    log_c, sign_c = _frac_binom_table(key, n)
     i = np.arange(n, dtype=np.float64)
     j = alphas[:, None] - i
     log_q, log_1mq = math.log(q), math.log1p(-q)
     z0 = sigma ** 2 * (log_1mq - log_q) + 0.5
     x1, y1 = i * (i - 1) / (2 * sigma ** 2), (z0 - i) / sigma   # exp(x1) Phi(y1): the first line's integrals
-    x2, y2 = j * (j - 1) / (2 * sigma ** 2), (j - z0) / sigma   # and the second line's
+    x2 = j * (j - 1) / (2 * sigma ** 2)                          # and the second line's, at y2 = (j - z0) / sigma
+    frac, group, whole = _frac_layout(key)
+    first = whole.min() - (n - 1)  # j = frac[group] + (whole - i), whole - i >= first
+    table_y2 = (frac[:, None] + np.arange(first, whole.max() + 1) - z0) / sigma
+    at = (group[:, None], whole[:, None] - np.arange(n) - first)
     w1 = log_c + j * log_1mq + i * log_q
     w2 = log_c + i * log_1mq + j * log_q
     if q <= 0.5:
         parts = [(w1 + _log_expm1(x1) + _log_ndtr(y1), sign_c), (w1 + _log_ndtr(-y1), -sign_c),
-                 (w2 + x2 + _log_ndtr(y2), sign_c)]
+                 (w2 + x2 + _log_ndtr(table_y2)[at], sign_c)]
     else:
         log_em1, sign_em1 = _log_abs_expm1(x2)
-        parts = [(w1 + x1 + _log_ndtr(y1), sign_c), (w2 + log_em1 + _log_ndtr(y2), sign_c * sign_em1),
-                 (w2 + _log_ndtr(-y2), -sign_c)]
+        parts = [(w1 + x1 + _log_ndtr(y1), sign_c), (w2 + log_em1 + _log_ndtr(table_y2)[at], sign_c * sign_em1),
+                 (w2 + _log_ndtr(-table_y2)[at], -sign_c)]
     return (np.stack([np.broadcast_to(p[0], log_c.shape) for p in parts], axis=1),
             np.stack([np.broadcast_to(p[1], log_c.shape) for p in parts], axis=1))
 
