@@ -11,7 +11,7 @@ Every script imports this file and nothing else for data. It owns:
 - batched torch augmentations and a byte-level tokenizer that reads no data (rule 4).
 
     from data import load_dataset, poisson_batches, normalize
-    ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~1 s, cached in memory
+    ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~2 s, cached in memory
     for step in poisson_batches(len(ds), 256 / len(ds), 100, 64, generator=torch.Generator().manual_seed(0)):
         for idx, mask in step:                               # idx [64], mask [64]: fixed shapes for vmap
             x = normalize(ds.images(idx))                    # [64, 3, 32, 32] in [-1, 1]
@@ -97,7 +97,8 @@ class ImageDataset:
 
     def __repr__(self):
         extra = [k for k in ("labels", "captions") if getattr(self, k) is not None]
-        return f"ImageDataset({self.name!r}, n={self._n}, {self.channels}x{self.size}x{self.size}, {'+'.join(extra) or 'images'})"
+        shape = f"{self.channels}x{self.size}x{self.size}"
+        return f"ImageDataset({self.name!r}, n={self._n}, {shape}, {'+'.join(extra) or 'images'})"
 
 
 def normalize(x):
@@ -192,8 +193,9 @@ def _draw_shapes(n, size, g):
     freq = _uniform((n, 1, 1), 3, 12, g)
     ramp = coords[None, None, :] * torch.cos(theta) + coords[None, :, None] * torch.sin(theta)
     stripes = torch.sin(2 * math.pi * freq * ramp + _uniform((n, 1, 1), 0, 6.3, g))
-    checks = torch.sign(torch.sin(math.pi * freq * coords[None, None, :]) * torch.sin(math.pi * freq * coords[None, :, None]))
-    blotch = F.interpolate(torch.randn(n, 1, 6, 6, generator=g), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    wave_x, wave_y = torch.sin(math.pi * freq * coords[None, None, :]), torch.sin(math.pi * freq * coords[None, :, None])
+    checks = torch.sign(wave_x * wave_y)
+    blotch = F.interpolate(torch.randn(n, 1, 6, 6, generator=g), size=(S, S), mode="bilinear")[:, 0]
     kind = torch.randint(0, 3, (n, 1, 1), generator=g)
     texture = torch.where(kind == 0, stripes, torch.where(kind == 1, checks, blotch.clamp(-1.5, 1.5)))
     img = base + _uniform((n, 1, 1, 1), 8, 30, g) * texture[:, None]  # [n, 3, S, S]
@@ -206,7 +208,8 @@ def _draw_shapes(n, size, g):
     cx = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
     cy = torch.cat([_uniform((n, 1), 0.25, 0.75, g), _uniform((n, 2), 0.1, 0.9, g)], 1)
     for _ in range(6):  # redraw distractors that sit mostly behind the main object, so captions name visible things
-        hidden = (cx[:, 1:] - cx[:, :1]) ** 2 + (cy[:, 1:] - cy[:, :1]) ** 2 < (radius[:, :1] + 0.3 * radius[:, 1:]) ** 2
+        dist2 = (cx[:, 1:] - cx[:, :1]) ** 2 + (cy[:, 1:] - cy[:, :1]) ** 2
+        hidden = dist2 < (radius[:, :1] + 0.3 * radius[:, 1:]) ** 2
         cx[:, 1:] = torch.where(hidden, _uniform((n, 2), 0.1, 0.9, g), cx[:, 1:])
         cy[:, 1:] = torch.where(hidden, _uniform((n, 2), 0.1, 0.9, g), cy[:, 1:])
     rot = _uniform((n, 3), -0.5, 0.5, g)  # about +-30 degrees: a diamond stays a diamond, a heart stays upright
@@ -301,7 +304,8 @@ def dead_leaves(n, size=32, generator=None, *, leaves=40):
         inside.le_(100)  # in place on uint8: 1 inside, 0 outside
         top = inside.mul_(weight).amax(1).long()  # index of the top leaf, 0 = background
         colours = torch.rand(b, K + 1, 3, generator=g)
-        out[s:s + b] = (colours.gather(1, top.view(b, -1, 1).expand(-1, -1, 3)) * 255).round().to(torch.uint8).view(b, S, S, 3).permute(0, 3, 1, 2)
+        rgb = colours.gather(1, top.view(b, -1, 1).expand(-1, -1, 3))  # [b, S*S, 3]
+        out[s:s + b] = (rgb * 255).round().to(torch.uint8).view(b, S, S, 3).permute(0, 3, 1, 2)
     return out
 
 
@@ -686,10 +690,10 @@ def _unpickle(fileobj, source):
 
 def _cifar_files(path):
     """{basename: opener} for a CIFAR folder (or a folder holding one) or a CIFAR .tar.gz."""
-    names = {"data_batch_1", "test_batch", "batches.meta", "train", "test", "meta"}
+    names = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta", "train", "test", "meta"}
     if path.is_dir():
         for d in [path] + sorted(p for p in path.iterdir() if p.is_dir()):
-            found = {p.name: p for p in d.iterdir() if p.is_file() and p.name in names | {f"data_batch_{i}" for i in range(2, 6)}}
+            found = {p.name: p for p in d.iterdir() if p.is_file() and p.name in names}
             if "data_batch_1" in found or ("train" in found and "meta" in found):
                 return {k: (lambda p=p: open(p, "rb")) for k, p in found.items()}, {k: str(p) for k, p in found.items()}
         return None, None
@@ -786,10 +790,10 @@ def _images_in(d):
 
 def _load_folder(root, split, size):
     base = _split_root(root, split, "class folders")
-    class_dirs = set()
+    class_dirs, split_names = set(), {s for ss in _SPLIT_DIRS.values() for s in ss}
     for d in [root] + [root / s for ss in _SPLIT_DIRS.values() for s in ss if (root / s).is_dir()]:
-        class_dirs |= {p.name for p in d.iterdir() if p.is_dir() and p.name not in ("train", "training", "test", "val", "validation")}
-    classes = sorted(c for c in class_dirs)
+        class_dirs |= {p.name for p in d.iterdir() if p.is_dir() and p.name not in split_names}
+    classes = sorted(class_dirs)
     files, labels = [], []
     for ci, c in enumerate(classes):
         if (base / c).is_dir():

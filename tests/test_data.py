@@ -445,7 +445,8 @@ def test_tsv_and_csv(tmp_path):
     (tmp_path / "img").mkdir()
     for i, a in enumerate(_rgb(3, 24, 24)):
         Image.fromarray(a).save(tmp_path / "img" / f"{i}.png")
-    (tmp_path / "train.tsv").write_text("image\tcaption\n" + "".join(f"img/{i}.png\tpicture número {i}\n" for i in range(3)))
+    rows = "".join(f"img/{i}.png\tpicture número {i}\n" for i in range(3))
+    (tmp_path / "train.tsv").write_text("image\tcaption\n" + rows)
     (tmp_path / "x.csv").write_text('path,caption\nimg/0.png,"a cat, sitting"\n' + f"{tmp_path}/img/1.png,a dog\n")
     ds = load_dataset(str(tmp_path))  # train.tsv is picked for split train
     assert len(ds) == 3 and ds.captions[2] == "picture número 2" and ds.images([1]).shape == (1, 3, 32, 32)
