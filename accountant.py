@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["DEFAULT_ORDERS", "rdp_subsampled_gaussian", "epsilon_from_rdp", "epsilon", "calibrate_sigma",
-           "RDPAccountant"]
+           "RDPAccountant", "dp_sgd_plan"]
 
 # Orders alpha at which RDP is tracked. A superset of the usual coarse grid (1.1, 1.2, ..., 10.9, 12, ..., 63), so
 # the minimum over it is never looser than that grid's; steps of 0.05 up to 11 and 0.01 near 1 (large eps, few
@@ -393,6 +393,38 @@ def calibrate_sigma(*, target_eps, q, steps, delta):
     sigma = math.exp(hi)
     epsilon(q=q, sigma=sigma, steps=steps, delta=delta)  # only for its edge-of-grid warning
     return sigma
+
+
+# --- a DP-SGD run's plan: what every script derives from its privacy flags ---------------------------------------
+
+def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None):
+    """Turn a script's privacy flags into the numbers its DP-SGD run uses, checking them on the way.
+
+    n examples, an expected logical batch of batch_size, `steps` logical steps: q = batch_size / n (Poisson
+    sampling), delta = 1 / (2n) unless given (it must be < 1/n: a larger delta allows a mechanism that publishes
+    one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps.
+    Returns {"q", "sigma", "delta", "n", "steps", "batch_size"}; bad values raise a one-line ValueError.
+
+    >>> p = dp_sgd_plan(target_eps=3.0, n=60000, batch_size=256, steps=14063)
+    >>> p["q"] == 256 / 60000, p["delta"] == 1 / 120000, round(p["sigma"], 3)
+    (True, True, 1.019)
+    """
+    target_eps = _check_eps(target_eps)
+    steps = _check_steps(steps)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the dataset must hold at least one example, got N={n}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    if batch_size > n:
+        raise ValueError(f"--batch-size {batch_size} is larger than the data (N={n})")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    delta = 1 / (2 * n) if delta is None else _check_delta(delta)
+    if delta >= 1 / n:
+        raise ValueError(f"--delta {delta:g} must be < 1/N = {1 / n:.3g} (N={n})")
+    q = batch_size / n
+    sigma = calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta)
+    return {"q": q, "sigma": sigma, "delta": delta, "n": int(n), "steps": steps, "batch_size": int(batch_size)}
 
 
 # --- the accountant a training run carries -----------------------------------------------------------------------

@@ -300,3 +300,27 @@ def test_cli_bad_values_exit_2_with_one_line(args):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+# --- dp_sgd_plan: the scripts' privacy flags -> (q, sigma, delta) --------------------------------------------------
+
+def test_dp_sgd_plan_derives_q_delta_and_a_sigma_that_meets_the_target():
+    p = acc.dp_sgd_plan(target_eps=2.0, n=50_000, batch_size=500, steps=300)
+    assert p["q"] == 500 / 50_000 and p["delta"] == 1 / 100_000
+    assert p["sigma"] == acc.calibrate_sigma(target_eps=2.0, q=0.01, steps=300, delta=1e-5)
+    assert acc.epsilon(q=p["q"], sigma=p["sigma"], steps=300, delta=p["delta"]) <= 2.0
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(target_eps=0.0), "eps"),
+    (dict(target_eps=-1.0), "eps"),
+    (dict(batch_size=1001), "larger than the data"),
+    (dict(delta=1e-3), "< 1/N"),      # delta = 1/N exactly is refused
+    (dict(delta=2e-3), "< 1/N"),
+    (dict(steps=0), "steps"),
+    (dict(n=0, batch_size=1), "at least one example"),
+])
+def test_dp_sgd_plan_refuses_bad_flags(kw, words):
+    args = dict(target_eps=1.0, n=1000, batch_size=10, steps=5) | kw
+    with pytest.raises(ValueError, match=words):
+        acc.dp_sgd_plan(**args)

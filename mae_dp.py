@@ -1,0 +1,495 @@
+"""ViP: a masked autoencoder trained with DP-SGD, initialised from MAE on synthetic images.
+
+Paper: Yu, Sanjabi, Ma, Chaudhuri & Guo, "ViP: A Differentially Private Foundation Model for Computer Vision"
+(2023). The recipe, in the order this file follows it:
+  1. ViP-Syn: train an MAE (He et al. 2022) without privacy on synthetic images. They are public, so this stage
+     costs no privacy budget. The paper uses Shaders21k; here data.py's random-process generators stand in.
+  2. ViP: continue MAE training on the private images with DP-SGD (Abadi et al. 2016): Poisson sampling,
+     per-example gradients clipped to C, Gaussian noise sigma*C added once per logical step, RDP accounting.
+  3. Evaluate like the paper (not private): a linear probe on frozen encoder features, for a random-init encoder,
+     the ViP-Syn encoder and the ViP encoder side by side.
+What is simplified: tiny widths and 32x32 images by default, so a laptop CPU runs it in minutes (the paper's
+ViT-B/16 at 224x224 is `--model base`); the paper's 2-billion-image LAION set becomes the embedded "shapes" set
+(or `--data PATH`); the probe is full-batch logistic regression on pooled tokens.
+
+  python mae_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python mae_dp.py --eps 8 --out runs/vip --resume              # continue a run: same step, same epsilon so far
+  python mae_dp.py --eps 8 --data /tmp/cifar10 --probe-data /tmp/cifar10   # CIFAR-10 image folder or pickles
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm import tqdm
+
+import data
+from accountant import RDPAccountant, dp_sgd_plan
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("privacy")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
+    g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
+    g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes", help="private images: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) linear probe")
+    g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; base: the paper's ViT-B/16 + 512-d/4-block decoder")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate of the private stage")
+    g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g = p.add_argument_group("stage 1: ViP-Syn (public synthetic data, no privacy cost)")
+    g.add_argument("--init", default="syn", help="'syn' (MAE on synthetic images, cached), 'none' (random init), or a checkpoint path")
+    g.add_argument("--syn-steps", type=int, default=1500, help="non-private MAE steps on synthetic images")
+    g.add_argument("--syn-batch", type=int, default=128, help="batch size of stage 1")
+    g.add_argument("--syn-lr", type=float, default=2e-3, help="peak learning rate of stage 1")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    g.add_argument("--name", default=None, help="run name (default mae_dp_eps<eps>_s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=5, help="steps between log lines and checkpoints")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' or 'cuda'")
+    return p, p.parse_args(argv)
+
+
+SIZES = {  # D width, depth, heads; decoder width, depth, heads
+    "tiny": dict(dim=32, depth=1, heads=2, dec_dim=16, dec_depth=1, dec_heads=2),
+    "small": dict(dim=128, depth=4, heads=4, dec_dim=64, dec_depth=2, dec_heads=4),
+    "base": dict(dim=768, depth=12, heads=12, dec_dim=512, dec_depth=4, dec_heads=16),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: ViT encoder and MAE decoder (He et al. 2022), pre-norm blocks, fixed 2-D sin-cos positions
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+    out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
+    return torch.cat(out, dim=1).float()  # (L, D)
+
+
+def patchify(imgs, p):
+    """imgs: (B, C, H, W) -> (B, L, P) with L = (H/p)*(W/p) patches of P = p*p*C pixels."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, C):
+    """x: (B, L, P) -> (B, C, H, W)."""
+    B, L, _ = x.shape
+    h = int(math.isqrt(L))
+    return x.reshape(B, h, h, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, h * p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+        # Written out, not F.scaled_dot_product_attention: the fused kernel has no vmap rule on CPU and
+        # would fall back to a Python loop over examples inside the per-example gradient.
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, nh, L, L)
+        y = att.softmax(dim=-1) @ v  # (B, nh, L, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
+    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, imgs, mask_ratio=0.0, noise=None):
+        """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
+        Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
+        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        B, L, D = x.shape
+        # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
+        keep = int(L * (1 - mask_ratio))
+        noise = torch.rand(B, L, device=x.device) if noise is None else noise
+        ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): the patches with the smallest noise are kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, L_keep, D)
+        mask = torch.ones(B, L, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # (B, L), in the original patch order
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def features(self, imgs):
+        """Frozen features for the linear probe: the mean of the output patch tokens, (B, D)."""
+        return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
+
+
+class MAE(nn.Module):
+    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads):
+        super().__init__()
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(dec_dim, size // patch), persistent=False)
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, patch * patch * channels)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, imgs, mask_ratio, noise=None):
+        """imgs: (B, C, H, W). Returns pred (B, L, P) for every patch, and mask (B, L), 1 = removed."""
+        latent, mask, ids_restore = self.encoder(imgs, mask_ratio, noise)  # (B, 1+L_keep, D)
+        x = self.decoder_embed(latent)  # (B, 1+L_keep, Dd)
+        B, L = ids_restore.shape
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)  # (B, L, Dd)
+        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_ + self.decoder_pos_embed], dim=1)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:], mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example loss
+
+
+def mae_loss(forward, imgs, noise, mask_ratio, patch):
+    """MAE loss per example, (B,): MSE between predicted and true pixels of the *masked* patches, each target
+    patch normalised by its own mean and variance (MAE's norm_pix_loss: statistics of the example itself, so
+    nothing is shared across examples), averaged over that image's masked patches.
+    forward(imgs, mask_ratio, noise) -> (pred (B, L, P), mask (B, L)): the model, or its functional_call.
+    noise (B, L) picks each example's masked patches: drawn with the example, like its crop, so that the
+    per-example gradient and a naive loop over examples see the same mask."""
+    pred, mask = forward(imgs, mask_ratio, noise)
+    target = patchify(imgs, patch)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (pred - target).pow(2).mean(-1)  # (B, L)
+    return (per_patch * mask).sum(-1) / mask.sum(-1)  # (B,)
+
+
+def augment(imgs_uint8, gen, patch):
+    """MAE's augmentation, per example (never mixes examples): random resized crop and flip, and the uniform
+    noise (B, L) whose argsort picks the masked patches. Returns (imgs (B, C, H, W) in [-1, 1], noise)."""
+    x = data.normalize(imgs_uint8)
+    x = data.hflip(data.random_resized_crop(x, scale=(0.35, 1.0), generator=gen), generator=gen)
+    return x, torch.rand(x.shape[0], (x.shape[2] // patch) * (x.shape[3] // patch), generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DP step: per-example gradients, clipping, one Gaussian noise draw per logical step (Abadi et al. 2016, Alg. 1)
+
+
+def make_per_example_grads(model, loss_fn):
+    """Returns f(params, buffers, batch) -> (per-example grads {name: (B, *shape)}, per-example losses (B,)).
+    The gradient of ONE example's loss, vmapped over the batch: each example is computed as if it were alone,
+    which is what clipping per example needs. batch: a tuple of tensors with the examples along dim 0.
+    randomness="different": any random op inside the model would draw independently per example."""
+
+    def one(params, buffers, example):  # a tuple: each tensor of one example, without the batch dim
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        return loss_fn(f, *(t[None] for t in example))[0]
+
+    return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
+
+
+def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen):
+    """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
+    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
+        grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
+        # ||g_i|| over all parameters together
+        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values()))  # (P,)
+        # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
+        for k, g in grads.items():
+            summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
+    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+             for k, s in summed.items()}
+    return noisy, loss_sum / max(count, 1)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: ViP-Syn, ordinary MAE training on public synthetic images (no privacy cost, cached)
+
+
+def train_syn(model, args, device, autocast):
+    gen = torch.Generator().manual_seed(10_000 + args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.syn_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    bar = tqdm(range(args.syn_steps), desc="ViP-Syn (public)", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.syn_steps, args.syn_lr, max(1, args.syn_steps // 20))
+        imgs = data.random_process_images(args.syn_batch, args.size, generator=gen)
+        if model.encoder.channels == 1:
+            imgs = imgs.float().mean(1, keepdim=True).round().to(torch.uint8)  # grey private data: a grey prior
+        x, noise = (t.to(device) for t in augment(imgs, gen, args.patch))
+        with autocast:
+            loss = mae_loss(model, x, noise, args.mask_ratio, args.patch).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (NOT private: it reads labels of the probe set; the private model is already fixed)
+
+
+@torch.no_grad()
+def features(encoder, ds, device, batch=256):
+    out = []
+    for i in range(0, len(ds), batch):
+        x = data.normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
+        out.append(encoder.features(x).float().cpu())
+    return torch.cat(out)  # (N, D)
+
+
+def linear_probe(encoder, train, test, device, steps=200):
+    """Logistic regression on frozen features (the paper's linear-probe protocol, here full-batch L-BFGS).
+    Features are standardised with the probe *training* set's statistics (downstream data, not the private set)."""
+    encoder.eval()
+    ftr, fte = features(encoder, train, device), features(encoder, test, device)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    head = nn.Linear(ftr.shape[1], len(train.classes))
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (head(fte).argmax(1) == test.labels).float().mean().item()
+
+
+@torch.no_grad()
+def save_reconstructions(model, ds, path, device, mask_ratio, k=8):
+    """recon.png: row 1 originals, row 2 what the encoder sees, row 3 the reconstruction (visible patches pasted)."""
+    model.eval()
+    x = data.normalize(ds.images(torch.arange(k))).to(device)
+    pred, mask = model(x, mask_ratio, torch.rand(k, x.shape[-1] ** 2 // model.encoder.patch ** 2, generator=torch.Generator().manual_seed(0)).to(device))
+    p, C = model.encoder.patch, model.encoder.channels
+    target = patchify(x, p)  # un-normalise the predicted patches with each patch's own statistics
+    pred = pred.float() * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    m = mask[..., None]
+    masked = unpatchify(target * (1 - m) - m, p, C)  # hidden patches drawn black
+    recon = unpatchify(target * (1 - m) + pred * m, p, C)
+    data.save_grid(torch.cat([x, masked, recon]).clamp(-1, 1).cpu(), path, nrow=k, scale=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def build_model(args, channels):
+    cfg = SIZES[args.model]
+    return MAE(args.size, args.patch, channels, **cfg)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out or f"runs/{args.name or f'mae_dp_eps{args.eps:g}_s{args.seed}'}")
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+        if any(k not in ("out", "name", "device", "log_every") for k in changed):
+            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+    args.patch = args.patch or (4 if args.model == "small" else 16)
+
+    # --- seeding and run naming (identical in every script) ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
+    n_default = 20000 if args.data == "shapes" else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.size % args.patch:
+        raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
+    print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
+          f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+
+    # --- stage 1: ViP-Syn (public) or another initialisation ---
+    model = build_model(args, private.channels).to(device)
+    random_init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    if args.init == "syn":
+        cache = Path("runs/cache") / (f"vip_syn_{args.model}_p{args.patch}_s{args.size}_c{private.channels}"
+                                      f"_m{args.mask_ratio}_{args.syn_steps}x{args.syn_batch}_lr{args.syn_lr}_seed{args.seed}.pt")
+        if cache.exists():
+            model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
+            print(f"ViP-Syn: loaded {cache}")
+        else:
+            train_syn(model, args, device, autocast)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), str(cache) + ".tmp")
+            os.replace(str(cache) + ".tmp", cache)
+    elif args.init != "none":
+        if not Path(args.init).is_file():
+            raise ValueError(f"--init {args.init}: no such file (use 'syn', 'none' or a checkpoint path)")
+        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=True)["model"])
+    syn_init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+
+    # --- stage 2: ViP, DP-SGD on the private images ---
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    accountant = RDPAccountant()
+    sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops and flips
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        accountant.load_state_dict(ckpt["accountant"])
+        step = ckpt["step"]
+        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+            g.set_state(s)
+        torch.set_rng_state(ckpt["rng"][3])
+        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+
+    per_example_grads = make_per_example_grads(model, lambda f, x, noise: mae_loss(f, x, noise, args.mask_ratio, args.patch))
+    load = lambda idx: tuple(t.to(device) for t in augment(private.images(idx), aug_gen, args.patch))
+
+    def save_checkpoint():
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
+                    accountant=accountant.state_dict(),
+                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()])
+        torch.save(ckpt, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+
+    batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen)
+    bar = tqdm(batches, total=args.steps - step, initial=0, desc="ViP (DP-SGD)", dynamic_ncols=True)
+    with open(out / "metrics.jsonl", "a") as log:
+        for micro_batches in bar:
+            model.train()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            with autocast:
+                noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
+                                      sigma=sigma, expected_batch=args.batch_size, noise_gen=noise_gen)
+            for k, p in params.items():
+                p.grad = noisy[k].to(p.dtype)
+            opt.step()
+            accountant.step(q=q, sigma=sigma)
+            step += 1
+            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
+            if step % args.log_every == 0 or step == args.steps:
+                eps_now = accountant.epsilon(delta)
+                rec = dict(step=step, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
+                           batch=sum(int(m.sum()) for _, m in micro_batches), time=time.time() - t0)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
+                save_checkpoint()
+    eps_spent = accountant.epsilon(delta)
+
+    # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
+    if probe_train.labels is None:
+        raise ValueError(f"--probe-data {args.probe_data} has no labels")
+    encoder = build_model(args, private.channels).encoder.to(device)
+    acc = {}
+    for name, state in (("random_init", random_init), ("vip_syn", syn_init), ("vip", model.encoder.state_dict())):
+        encoder.load_state_dict(state)
+        acc[name] = linear_probe(encoder, probe_train, probe_test, device)
+    save_reconstructions(model, probe_test, out / "recon.png", device, args.mask_ratio)
+    summary = dict(method="ViP (mae_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=N,
+                   steps=step, batch_size=args.batch_size, clip=args.clip, init=args.init, data=private.name,
+                   probe_data=probe_train.name, probe_accuracy_not_private=acc, wall_time_s=time.time() - t0,
+                   device=str(device), args=vars(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt, recon.png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
