@@ -124,7 +124,80 @@ def bench_data():
         print(f"  {'cifar10 jpeg: Poisson ~256, decode + crop':<44} {count / dt:8.0f} sampled images/s")
 
 
-SECTIONS = {"accountant": bench_accountant, "data": bench_data}
+# --- DP step vs non-private step: the shared measurement every script's section uses -------------------------------
+
+def dp_vs_nonprivate(dp_step, plain_step, batch, *, rounds=6, device="cpu"):
+    """Time a DP step and a non-private step of the same model on the same physical batch, interleaved
+    (DP, plain, DP, plain, ...) so that any load on the machine hits both alike, after one warm-up call each.
+    Prints samples/s of each, their ratio (DP / non-private), and peak memory: on CUDA the allocator's peak of each
+    mode; on CPU the process's peak RSS after the non-private steps and after the DP steps (run second)."""
+    import resource
+
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = {}
+    for name, step in (("plain", plain_step), ("dp", dp_step)):  # warm-up; plain first so RSS after it is its own
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peak[name] = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    times = {"plain": [], "dp": []}
+    for _ in range(rounds):
+        for name, step in (("dp", dp_step), ("plain", plain_step)):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: batch / statistics.median(v) for k, v in times.items()}
+    mem = "peak GPU memory" if cuda else "peak RSS (process, cumulative)"
+    print(f"  non-private step: {rate['plain']:8.1f} samples/s   {mem} {peak['plain'] / 2**20:8.0f} MiB")
+    print(f"  DP step:          {rate['dp']:8.1f} samples/s   {mem} {peak['dp'] / 2**20:8.0f} MiB")
+    print(f"  DP / non-private throughput: {rate['dp'] / rate['plain']:.3f}   (batch {batch}, {rounds} rounds, "
+          f"{torch.get_num_threads()} threads, {device})")
+    return rate["dp"] / rate["plain"]
+
+
+# --- mae_dp.py ------------------------------------------------------------------------------------------------------
+
+def bench_mae():
+    """The default model (`--model small`, 32x32, patch 4) and physical batch (64) of `python mae_dp.py`."""
+    import torch
+
+    import mae_dp as M
+
+    args = M.parse_args([])[1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = M.MAE(args.size, 4, 3, **M.SIZES[args.model]).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    B = args.physical_batch
+    x, noise = torch.rand(B, 3, args.size, args.size, device=device) * 2 - 1, torch.rand(B, (args.size // 4) ** 2, device=device)
+    loss_fn = lambda f, x, n: M.mae_loss(f, x, n, args.mask_ratio, 4)
+    per_example_grads = M.make_per_example_grads(model, loss_fn)
+    micro = [(torch.arange(B), torch.ones(B, dtype=torch.bool))]
+    gen = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def dp():
+        with autocast:
+            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, noise), clip=1.0, sigma=1.0,
+                      expected_batch=B, noise_gen=gen)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = M.mae_loss(model, x, noise, args.mask_ratio, 4).mean()
+        loss.backward()
+
+    print(f"  model '{args.model}': {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters")
+    dp_vs_nonprivate(dp, plain, B, device=device)
+
+
+SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae}
 
 
 def main(argv=None):
