@@ -1,0 +1,576 @@
+"""DP-Cap: an image captioner trained with DP-SGD; its image encoder is the learned representation.
+
+Paper: Sander, Yu, Sanjabi, Durmus, Ma, Chaudhuri & Guo, "Differentially Private Representation Learning via
+Image Captioning" (ICML 2024). The recipe, in the order this file follows it:
+  1. A ViT image encoder (the one of mae_dp.py, no masking) and a small causal transformer text decoder that
+     cross-attends to the image tokens. Text is byte-level (data.ByteTokenizer): a fixed table fitted on nothing,
+     so the vocabulary reveals nothing about the private captions (the paper uses a fixed public tokenizer for
+     the same reason). `--init PATH` starts the encoder from a mae_dp.py checkpoint or its ViP-Syn cache, the
+     public synthetic prior the paper also starts from.
+  2. DP-SGD (Abadi et al. 2016) on the captioning loss, exactly as in mae_dp.py: Poisson sampling, per-example
+     gradients clipped to C, Gaussian noise sigma*C added once per logical step, RDP accounting. The loss of one
+     example is the mean next-token cross-entropy over its caption (teacher forcing).
+  3. TAN (Sander et al. 2023), which the paper uses to tune cheaply: `--tan-batch B'` trains with batch B' and
+     sigma * B'/B, so sigma/B, the noise in each update, matches the full run. Its epsilon is NOT that of the
+     full run; the script reports the epsilon of the steps it actually ran.
+  4. Evaluate (not private): a linear probe on the frozen encoder (random init vs trained), zero-shot
+     classification by caption loss (each class's prompts scored, lowest loss wins), greedy captions.
+What is simplified: tiny widths, 32x32 images and short captions so a laptop CPU runs it in minutes (the paper's
+ViT-B/16 at 224x224 is `--model base`); the paper's DataComp image-text pairs become the embedded captioned
+"shapes" set (or `--data PATH`: COCO captions json, webdataset shards, TSV of path and caption).
+
+  python cap_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python cap_dp.py --eps 8 --tan-batch 256                      # TAN: a cheap run with the noise of B=1024
+  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt --model small --patch 4   # from ViP
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm import tqdm
+
+import data
+from accountant import RDPAccountant, dp_sgd_plan
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("privacy")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
+    g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
+    g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
+    g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--max-len", type=int, default=48, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
+    g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
+    g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
+    g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; base: the paper's ViT-B/16 encoder")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate of the private stage")
+    g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--init", default="none", help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    g.add_argument("--name", default=None, help="run name (default cap_dp_eps<eps>_s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=5, help="steps between log lines and checkpoints")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' or 'cuda'")
+    return p, p.parse_args(argv)
+
+
+SIZES = {  # D width, depth, heads of the image encoder (as in mae_dp.py, so --init lines up); text decoder
+    "tiny": dict(dim=32, depth=1, heads=2, dec_dim=32, dec_depth=1, dec_heads=2),
+    "small": dict(dim=128, depth=4, heads=4, dec_dim=128, dec_depth=2, dec_heads=4),
+    "base": dict(dim=768, depth=12, heads=12, dec_dim=768, dec_depth=6, dec_heads=12),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: ViT encoder (He et al. 2022's, as in mae_dp.py) and a causal text decoder with cross-attention
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+    out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
+    return torch.cat(out, dim=1).float()  # (L, D)
+
+
+def patchify(imgs, p):
+    """imgs: (B, C, H, W) -> (B, L, P) with L = (H/p)*(W/p) patches of P = p*p*C pixels."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+        # Written out, not F.scaled_dot_product_attention: the fused kernel has no vmap rule on CPU and
+        # would fall back to a Python loop over examples inside the per-example gradient.
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, nh, L, L)
+        y = att.softmax(dim=-1) @ v  # (B, nh, L, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
+    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, imgs, mask_ratio=0.0, noise=None):
+        """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
+        Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
+        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        B, L, D = x.shape
+        # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
+        keep = int(L * (1 - mask_ratio))
+        noise = torch.rand(B, L, device=x.device) if noise is None else noise
+        ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): the patches with the smallest noise are kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, L_keep, D)
+        mask = torch.ones(B, L, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # (B, L), in the original patch order
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def features(self, imgs):
+        """Frozen features for the linear probe: the mean of the output patch tokens, (B, D)."""
+        return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
+
+
+class TextAttention(nn.Module):
+    """Attention of text tokens x (B, T, D) over ctx (B, S, D): the text itself under a causal mask (each token
+    sees only earlier ones), or the image tokens (cross-attention, no mask). Written out like Attention."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, causal):
+        B, T, D = x.shape
+        S = ctx.shape[1]
+        q = self.q(x).reshape(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = self.kv(ctx).reshape(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, S, hs)
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, nh, T, S)
+        if causal:
+            att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        y = att.softmax(dim=-1) @ v  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer decoder block: causal self-attention, cross-attention to the image, MLP."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), TextAttention(dim, heads)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), TextAttention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x, img):  # x (B, T, D), img (B, 1+L, D)
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, causal=True)
+        x = x + self.cross_attn(self.norm2(x), img, causal=False)
+        return x + self.mlp(self.norm3(x))
+
+
+class Captioner(nn.Module):
+    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len):
+        super().__init__()
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.image_proj = nn.Linear(dim, dec_dim)  # image tokens into the decoder's width
+        self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dec_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dec_dim))  # learned 1-D text positions
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(dec_dim, dec_heads) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim)
+        self.head = nn.Linear(dec_dim, data.ByteTokenizer.vocab_size)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+
+    def encode_image(self, imgs):
+        """imgs: (B, C, H, W) -> image tokens (B, 1+L, Dt) for the decoder: all patches, no masking."""
+        return self.image_proj(self.encoder(imgs, mask_ratio=0.0)[0])
+
+    def decode(self, img, tokens):
+        """img: (B, 1+L, Dt) image tokens; tokens: (B, T) -> next-token logits (B, T, V)."""
+        x = self.tok_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]  # (B, T, Dt)
+        for blk in self.decoder_blocks:
+            x = blk(x, img)
+        return self.head(self.decoder_norm(x))
+
+    def forward(self, imgs, tokens):
+        return self.decode(self.encode_image(imgs), tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example loss
+
+
+def token_nll(logits, tokens):
+    """logits (B, T-1, V) predicting tokens[:, 1:] -> negative log-likelihood of each target token (B, T-1)."""
+    return -logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+def caption_loss(forward, imgs, tokens):
+    """Captioning loss per example, (B,): mean next-token cross-entropy over that caption's non-pad targets, with
+    teacher forcing (the decoder reads the true caption up to t and predicts token t+1). The mean is over the
+    example's own tokens, so one scalar per example and nothing shared across examples.
+    forward(imgs, tokens) -> logits (B, T, V): the model, or its functional_call. tokens: (B, T) from ByteTokenizer."""
+    logits = forward(imgs, tokens[:, :-1])  # (B, T-1, V)
+    keep = (tokens[:, 1:] != data.ByteTokenizer.PAD).to(logits.dtype)  # (B, T-1): the EOS target counts, PAD not
+    return (token_nll(logits, tokens) * keep).sum(-1) / keep.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DP step: per-example gradients, clipping, one Gaussian noise draw per logical step (Abadi et al. 2016, Alg. 1)
+
+
+def make_per_example_grads(model, loss_fn):
+    """Returns f(params, buffers, batch) -> (per-example grads {name: (B, *shape)}, per-example losses (B,)).
+    The gradient of ONE example's loss, vmapped over the batch: each example is computed as if it were alone,
+    which is what clipping per example needs. batch: a tuple of tensors with the examples along dim 0.
+    randomness="different": any random op inside the model would draw independently per example."""
+
+    def one(params, buffers, example):  # a tuple: each tensor of one example, without the batch dim
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        return loss_fn(f, *(t[None] for t in example))[0]
+
+    return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
+
+
+def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen):
+    """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
+    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
+        grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
+        # ||g_i|| over all parameters together
+        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values()))  # (P,)
+        # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
+        for k, g in grads.items():
+            summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
+    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+             for k, s in summed.items()}
+    return noisy, loss_sum / max(count, 1)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (NOT private: it reads labels of the probe set; the private model is already fixed)
+
+
+@torch.no_grad()
+def features(encoder, ds, device, batch=256):
+    out = []
+    for i in range(0, len(ds), batch):
+        x = data.normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
+        out.append(encoder.features(x).float().cpu())
+    return torch.cat(out)  # (N, D)
+
+
+def linear_probe(encoder, train, test, device, steps=200):
+    """Logistic regression on frozen features (the paper's linear-probe protocol, here full-batch L-BFGS).
+    Features are standardised with the probe *training* set's statistics (downstream data, not the private set)."""
+    encoder.eval()
+    ftr, fte = features(encoder, train, device), features(encoder, test, device)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    head = nn.Linear(ftr.shape[1], len(train.classes))
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (head(fte).argmax(1) == test.labels).float().mean().item()
+
+
+def class_prompts(ds):
+    """Prompts per class, written like the training captions. For shapes they follow data.py's caption grammar
+    ("a red circle ...", "a large red circle ..."), built from the generator's public word lists, not from any
+    private caption; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
+    if ds.name.startswith("shapes"):
+        article = lambda w: ("an " if w[0] in "aeiou" else "a ") + w
+        return [[article(f"{c} {label}") for c in data.COLOUR_NAMES] + [f"a large {c} {label}" for c in data.COLOUR_NAMES]
+                for label in ds.classes]
+    return [[f"a photo of a {label}", f"a {label}", f"an image of a {label}"] for label in ds.classes]
+
+
+@torch.no_grad()
+def zero_shot(model, ds, device, max_len, n, batch=50):
+    """Zero-shot classification by caption loss, as in the paper: for each image and class, the summed
+    negative log-likelihood of each of the class's prompts (EOS excluded: the caption would go on); the class
+    with the lowest loss over its prompts wins. Returns accuracy on the first n images of ds."""
+    model.eval()
+    prompts = class_prompts(ds)
+    K = len(prompts[0])
+    tokens = data.ByteTokenizer().encode([p for ps in prompts for p in ps], max_len).to(device)  # (classes*K, T)
+    keep = tokens[:, 1:] > data.ByteTokenizer.EOS  # (classes*K, T-1): the prompt's bytes only
+    T = int(keep.sum(1).max()) + 1
+    tokens, keep = tokens[:, :T], keep[:, : T - 1]
+    n = min(n, len(ds))
+    correct = 0
+    for i in range(0, n, batch):
+        x = data.normalize(ds.images(torch.arange(i, min(i + batch, n)))).to(device)
+        img = model.encode_image(x)  # (B, 1+L, Dt)
+        losses = []
+        for t, m in zip(tokens.split(K), keep.split(K)):  # one class at a time: (K, T)
+            B, S, D = img.shape
+            logits = model.decode(img[:, None].expand(B, K, S, D).reshape(B * K, S, D), t.repeat(B, 1)[:, :-1])
+            nll = (token_nll(logits, t.repeat(B, 1)) * m.repeat(B, 1)).sum(-1).view(B, K)  # (B, K)
+            losses.append(nll.min(1).values)
+        pred = torch.stack(losses, 1).argmin(1).cpu()  # (B,)
+        correct += int((pred == ds.labels[i : i + len(pred)]).sum())
+    return correct / n
+
+
+@torch.no_grad()
+def greedy_captions(model, imgs, max_len):
+    """imgs: (B, C, H, W) -> list of B captions, each the argmax token at every step until EOS."""
+    model.eval()
+    tok = data.ByteTokenizer()
+    img = model.encode_image(imgs)
+    ids = torch.full((imgs.shape[0], 1), tok.BOS, dtype=torch.long, device=imgs.device)  # (B, 1)
+    for _ in range(max_len - 1):
+        nxt = model.decode(img, ids)[:, -1].argmax(-1)  # (B,)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        if (ids == tok.EOS).any(1).all():
+            break
+    return tok.decode(ids.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def build_model(args, channels):
+    cfg = SIZES[args.model]
+    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len)
+
+
+def load_encoder(model, path):
+    """--init: the `encoder.*` weights of a mae_dp.py checkpoint (a dict with "model"), of its ViP-Syn cache (a bare
+    state_dict) or of another cap_dp.py run, loaded strictly: every encoder tensor must be there and fit."""
+    if not Path(path).is_file():
+        raise ValueError(f"--init {path}: no such file (use 'none' or a mae_dp.py checkpoint path)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not enc:
+        raise ValueError(f"--init {path}: no encoder.* weights in this file")
+    try:
+        model.encoder.load_state_dict(enc)
+    except RuntimeError as e:
+        raise ValueError(f"--init {path}: encoder does not fit; pass the --model, --patch and --size of the run "
+                         f"that wrote it ({' '.join(str(e).split())[:200]})") from None
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out or f"runs/{args.name or f'cap_dp_eps{args.eps:g}_s{args.seed}'}")
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+        if any(k not in ("out", "name", "device", "log_every") for k in changed):
+            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+    args.patch = args.patch or (4 if args.model == "small" else 16)
+
+    # --- seeding and run naming (identical in every script) ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
+    n_default = 20000 if args.data == "shapes" else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.size % args.patch:
+        raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    if private.captions is None:
+        raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
+    if args.max_len < 2:
+        raise ValueError(f"--max-len must be >= 2 (BOS and EOS), got {args.max_len}")
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
+    print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
+          f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+    batch_size = args.batch_size
+    if args.tan_batch:  # TAN: same sigma/B (noise per update) with a batch B' < B; q' = B'/N from the accountant
+        if args.tan_batch > args.batch_size:
+            raise ValueError(f"--tan-batch {args.tan_batch} must be at most --batch-size {args.batch_size}")
+        q = dp_sgd_plan(target_eps=args.eps, delta=delta, n=N, batch_size=args.tan_batch, steps=args.steps)["q"]
+        sigma, batch_size = sigma * args.tan_batch / args.batch_size, args.tan_batch
+        print(f"TAN simulation: trains with B'={batch_size}, q'={q:.5f}, sigma'={sigma:.4f} (sigma'/B' = sigma/B). "
+              f"The eps this run reports is that of the steps it runs, NOT the eps={args.eps} of the simulated B={args.batch_size} run.")
+
+    # --- the model, its encoder optionally from mae_dp.py (ViP-Syn: public synthetic images, no privacy cost) ---
+    model = build_model(args, private.channels).to(device)
+    random_init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    if args.init != "none":
+        load_encoder(model, args.init)
+    init_state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    tokens = data.ByteTokenizer().encode(private.captions, args.max_len)  # (N, T), fixed shape for vmap
+
+    # --- DP-Cap: DP-SGD on the captioning loss ---
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    accountant = RDPAccountant()
+    sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops and flips
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        accountant.load_state_dict(ckpt["accountant"])
+        step = ckpt["step"]
+        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+            g.set_state(s)
+        torch.set_rng_state(ckpt["rng"][3])
+        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+
+    per_example_grads = make_per_example_grads(model, caption_loss)
+    # No augmentation: the captions name colours and positions ("at the top left"), which a flip or crop would
+    # make false. aug_gen stays, unused, so the seeding and checkpoint code is the same as in every script.
+    load = lambda idx: (data.normalize(private.images(idx)).to(device), tokens[idx].to(device))
+
+    def save_checkpoint():
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
+                    accountant=accountant.state_dict(),
+                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()])
+        torch.save(ckpt, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+
+    batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen)
+    bar = tqdm(batches, total=args.steps - step, initial=0, desc="DP-Cap (DP-SGD)", dynamic_ncols=True)
+    with open(out / "metrics.jsonl", "a") as log:
+        for micro_batches in bar:
+            model.train()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            with autocast:
+                noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
+                                      sigma=sigma, expected_batch=batch_size, noise_gen=noise_gen)
+            for k, p in params.items():
+                p.grad = noisy[k].to(p.dtype)
+            opt.step()
+            accountant.step(q=q, sigma=sigma)
+            step += 1
+            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
+            if step % args.log_every == 0 or step == args.steps:
+                eps_now = accountant.epsilon(delta)
+                rec = dict(step=step, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
+                           batch=sum(int(m.sum()) for _, m in micro_batches), time=time.time() - t0)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
+                save_checkpoint()
+    eps_spent = accountant.epsilon(delta)
+
+    # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
+    if probe_train.labels is None:
+        raise ValueError(f"--probe-data {args.probe_data} has no labels")
+    encoder = build_model(args, private.channels).encoder.to(device)
+    acc = {}
+    states = [("random_init", random_init)] + ([("init", init_state)] if args.init != "none" else [])
+    for name, state in states + [("dp_cap", model.encoder.state_dict())]:
+        encoder.load_state_dict(state)
+        acc[name] = linear_probe(encoder, probe_train, probe_test, device)
+    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n)
+    shown = probe_test.images(torch.arange(8))
+    caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
+    data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
+    refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
+    summary = dict(method="DP-Cap (cap_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=N,
+                   steps=step, batch_size=batch_size, clip=args.clip, init=args.init, data=private.name,
+                   probe_data=probe_train.name, probe_accuracy_not_private=acc,
+                   zero_shot_accuracy_not_private=zs, zero_shot_chance=1 / len(probe_test.classes),
+                   captions_not_private=[dict(generated=c, reference=r) for c, r in zip(caps, refs)],
+                   wall_time_s=time.time() - t0, device=str(device), args=vars(args))
+    if args.tan_batch:
+        summary["tan"] = dict(simulated_batch_size=args.batch_size, simulated_target_eps=args.eps, note=(
+            "TAN simulation: eps above is that of this run (batch B', sigma*B'/B), NOT of the simulated run"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    if args.tan_batch:
+        print(f"TAN: eps={eps_spent:.3f} is this B'={batch_size} run's; it is NOT the eps of the simulated B={args.batch_size} run")
+    print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"zero-shot accuracy (not private): {zs:.3f} (chance {1 / len(probe_test.classes):.3f})")
+    for c, r in list(zip(caps, refs))[:3]:
+        print(f"  caption: {c!r}" + (f"  (true: {r!r})" if r else ""))
+    print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt, captions.png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
