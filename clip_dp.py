@@ -1,0 +1,572 @@
+"""DP-CLIP: contrastive image-text training with DP-SGD, clipping the gradient of each micro-batch of pairs.
+
+Paper: Huang, Liu, Nakada, Zhang & Zhang, "Safeguarding Data in Multimodal AI: A Differentially Private Approach
+to CLIP Training" (2023). The recipe, in the order this file follows it:
+  1. CLIP (Radford et al. 2021): a ViT image encoder and a transformer text encoder, linear projections to a
+     shared space, and the symmetric InfoNCE loss with a learnable temperature: in a batch of pairs, each image
+     must pick out its own caption among the batch's captions, and each caption its own image.
+  2. DP-CLIP: that loss couples the pairs of a batch, so there is no per-example gradient to clip. DP-SGD's unit
+     becomes a micro-batch of about m pairs (`--micro-batch m`): Poisson-sample the logical batch, split it into
+     micro-batches, compute each micro-batch's InfoNCE loss within itself and its gradient (vmap over
+     micro-batches), clip each micro-batch gradient to C, sum, add Gaussian noise, divide by the number of
+     micro-batches. Larger m gives each loss more negatives but fewer micro-batches to average the noise over.
+  3. Evaluate (not private): zero-shot classification with one text prompt set per class, image-text retrieval
+     recall@1/5 on held-out captioned pairs, and a linear probe of the image encoder.
+
+Privacy: why the noise is sigma*2C, and how the micro-batches are formed. Neighbouring data sets differ by adding
+or removing one pair (the accountant's relation). The natural split -- chunk the sampled index list into
+consecutive groups of m -- breaks the usual argument: removing one pair shifts every later pair into another
+group, so one pair can change every micro-batch. Here the split does not depend on which other pairs exist:
+each step, every pair joins the sample with probability q = B/N (Poisson, as in DP-SGD) and, independently, picks
+one of K = round(B/m) micro-batches uniformly at random (K comes from the flags, not the data). Condition on
+everything about the other pairs (whether they were sampled, where they went, their crops) and on the micro-batch
+j that x would join: all of it is distributed the same with or without x. Given it, if x is not sampled the sum is
+unchanged; if it is, only micro-batch j changes, and its clipped gradient moves from one vector of norm <= C to
+another: by at most 2C. So each step is
+the Poisson-subsampled Gaussian mechanism with sensitivity 2C; noise N(0, (2C sigma)^2 I) on the sum makes it
+exactly the mechanism the RDP accountant analyses at noise multiplier sigma (Mironov, Talwar & Zhang 2019), and
+(eps, delta) follow as for DP-SGD. (Rényi divergence of the mixtures over the conditioning is at most its worst
+case, by joint quasi-convexity.) The 2 does not cancel: a micro-batch gradient is not a sum over its pairs, so
+"remove x" can turn one clipped vector into a quite different one, not into zero. Dividing by K, a public
+constant, is post-processing. Micro-batch sizes vary (about m on average); each is padded with masked slots that
+the loss ignores, and a micro-batch with fewer than 2 pairs has no contrastive loss and gives a zero gradient
+(with random assignment that wastes a fraction e^-m (1 + m) of micro-batches: 41% at m = 2, 0.3% at m = 8).
+The text encoder reads utf-8 bytes (data.ByteTokenizer): a fixed vocabulary fitted on nothing, so it leaks nothing.
+
+What is simplified: tiny widths and 32x32 images so a laptop CPU runs it in minutes (the paper fine-tunes
+pretrained CLIP models); the "shapes" set of synthetic captioned scenes stands in for image-text data (or
+`--data PATH`: COCO json, webdataset shards, TSV/CSV with captions); `--init` can start the image encoder from a
+mae_dp.py run (public ViP-Syn or private ViP; the latter spends that run's budget too).
+
+  python clip_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python clip_dp.py --eps 8 --micro-batch 32                     # fewer, larger micro-batches: more negatives
+  python clip_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt   # image encoder from a mae_dp.py run
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm import tqdm
+
+import data
+from accountant import RDPAccountant, dp_sgd_plan
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("privacy")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
+    g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--micro-batch", type=int, default=8, help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
+    g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
+    g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
+    g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
+    g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
+    g.add_argument("--retrieval-data", default="shapes", help="captioned set whose test split is used for (non-private) retrieval")
+    g.add_argument("--retrieval-n", type=int, default=1000, help="held-out pairs to retrieve among")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default (image encoder = mae_dp.py's small); base: ViT-B/16 image, CLIP's 512-d text encoder")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g = p.add_argument_group("initialisation")
+    g.add_argument("--init", default="none", help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    g.add_argument("--name", default=None, help="run name (default clip_dp_eps<eps>_s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=5, help="steps between log lines and checkpoints")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' or 'cuda'")
+    return p, p.parse_args(argv)
+
+
+SIZES = {  # image encoder D width, depth, heads (mae_dp.py's, so --init fits); text encoder; E shared embedding
+    "tiny": dict(dim=32, depth=1, heads=2, text_dim=32, text_depth=1, text_heads=2, embed_dim=32),
+    "small": dict(dim=128, depth=4, heads=4, text_dim=128, text_depth=2, text_heads=4, embed_dim=128),
+    "base": dict(dim=768, depth=12, heads=12, text_dim=512, text_depth=12, text_heads=8, embed_dim=512),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: mae_dp.py's ViT encoder (He et al. 2022), a byte-level text transformer, CLIP's projections (Radford et al. 2021)
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+    out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
+    return torch.cat(out, dim=1).float()  # (L, D)
+
+
+def patchify(imgs, p):
+    """imgs: (B, C, H, W) -> (B, L, P) with L = (H/p)*(W/p) patches of P = p*p*C pixels."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+        # Written out, not F.scaled_dot_product_attention: the fused kernel has no vmap rule on CPU and
+        # would fall back to a Python loop over examples inside the per-example gradient.
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, nh, L, L)
+        y = att.softmax(dim=-1) @ v  # (B, nh, L, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
+    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, imgs, mask_ratio=0.0, noise=None):
+        """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
+        Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
+        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        B, L, D = x.shape
+        # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
+        keep = int(L * (1 - mask_ratio))
+        noise = torch.rand(B, L, device=x.device) if noise is None else noise
+        ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): the patches with the smallest noise are kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, L_keep, D)
+        mask = torch.ones(B, L, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # (B, L), in the original patch order
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def features(self, imgs):
+        """Frozen features for the linear probe: the mean of the output patch tokens, (B, D)."""
+        return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
+
+
+
+class TextEncoder(nn.Module):
+    """Byte tokens -> one vector per caption: token and learned position embeddings, the same pre-norm blocks as
+    the image encoder (bidirectional: a caption is read whole), then the mean over its non-PAD tokens."""
+
+    def __init__(self, length, dim, depth, heads):
+        super().__init__()
+        self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dim)  # V = 259, fixed: it was fitted on nothing
+        self.pos_embed = nn.Parameter(torch.zeros(1, length, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, tokens):
+        """tokens: (B, T) byte ids, PAD-padded on the right -> (B, D)."""
+        x = self.tok_embed(tokens) + self.pos_embed  # (B, T, D)
+        for blk in self.blocks:
+            x = blk(x)  # PAD tokens are attended to; they carry only the caption's length
+        real = (tokens != data.ByteTokenizer.PAD).to(x.dtype)[..., None]  # (B, T, 1)
+        return (self.norm(x) * real).sum(1) / real.sum(1)
+
+
+class CLIP(nn.Module):
+    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim):
+        super().__init__()
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.text = TextEncoder(text_len, text_dim, text_depth, text_heads)
+        self.image_proj = nn.Linear(dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log of the inverse temperature, CLIP's init
+
+    def encode_image(self, imgs):  # (B, C, H, W) -> unit vectors (B, E)
+        return F.normalize(self.image_proj(self.encoder.features(imgs)), dim=-1)
+
+    def encode_text(self, tokens):  # (B, T) -> unit vectors (B, E)
+        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+
+    def forward(self, imgs, tokens):
+        """imgs (B, C, H, W), tokens (B, T) -> image and text embeddings (B, E) each, and the logit scale (a scalar,
+        clamped at 100 like CLIP's so that a noisy step cannot make the softmax arbitrarily sharp)."""
+        return self.encode_image(imgs), self.encode_text(tokens), self.logit_scale.clamp(max=math.log(100)).exp()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-micro-batch loss, and how the micro-batches are formed
+
+
+def clip_loss(forward, imgs, tokens, pair_mask):
+    """Symmetric InfoNCE per micro-batch, (G,): imgs (G, M, C, H, W), tokens (G, M, T), pair_mask (G, M) True for
+    real pairs, False for padding. The micro-batch is the smallest unit with a loss of its own (each pair's loss
+    depends on the other pairs' embeddings), so this plays the part of mae_dp.py's per-example loss: one scalar
+    per micro-batch, clipped per micro-batch. Padding slots are masked out of the logits, so they change nothing;
+    a micro-batch with fewer than 2 real pairs has loss 0 (a 1-way softmax has nothing to contrast)."""
+    G, M = pair_mask.shape
+    img, txt, scale = forward(imgs.flatten(0, 1), tokens.flatten(0, 1))  # (G*M, E) x 2
+    logits = scale * img.view(G, M, -1) @ txt.view(G, M, -1).transpose(1, 2)  # (G, M, M): image i vs caption j
+    both = pair_mask[:, :, None] & pair_mask[:, None, :]
+    logits = logits.masked_fill(~both, -1e4)  # exp(-1e4 - 100) == 0: a padding slot is never a candidate
+    diag = logits.diagonal(dim1=1, dim2=2)  # (G, M): each pair's own similarity
+    per_pair = 0.5 * ((logits.logsumexp(2) - diag) + (logits.logsumexp(1) - diag))  # image->text and text->image
+    n = pair_mask.sum(1)  # (G,) real pairs
+    return (per_pair * pair_mask).sum(1) / n.clamp(min=1) * (n >= 2)  # (G,)
+
+
+def sample_micro_batches(n, q, K, *, generator):
+    """One logical step's sample, split so that a pair's micro-batch depends on nothing but its own draws.
+    Each of the n pairs joins with probability q (data.poisson_sample) and is assigned to one of the K
+    micro-batches uniformly at random: the assignment is drawn for all n pairs, whether sampled or not, so adding
+    or removing one pair changes its own micro-batch and leaves every other micro-batch exactly as it was.
+    Returns members (K, M) dataset indices and pair_mask (K, M), real pairs first in each row (in dataset order),
+    padding idx 0 / mask False; M = the largest micro-batch of this step (at least 2)."""
+    picked = data.poisson_sample(n, q, generator=generator)  # (B_t,) B_t ~ Binomial(n, q)
+    slot = torch.randint(K, (n,), generator=generator)[picked]  # (B_t,) micro-batch of each sampled pair
+    counts = torch.bincount(slot, minlength=K)  # (K,) about Poisson(m) each
+    slot, order = torch.sort(slot, stable=True)
+    picked = picked[order]  # grouped by micro-batch, dataset order inside each
+    rank = torch.arange(len(slot)) - (counts.cumsum(0) - counts)[slot]  # position inside its micro-batch
+    M = max(2, int(counts.max()) if len(slot) else 0)
+    members = torch.zeros(K, M, dtype=torch.long)
+    pair_mask = torch.zeros(K, M, dtype=torch.bool)
+    members[slot, rank], pair_mask[slot, rank] = picked, True
+    return members, pair_mask
+
+
+def augment(imgs_uint8, gen):
+    """CLIP's only augmentation, a random crop, per pair (never mixes pairs): here a shift of up to 2 pixels, so
+    the caption's "at the top left" stays true. No flip, for the same reason. Returns (B, C, H, W) in [-1, 1]."""
+    return data.random_crop(data.normalize(imgs_uint8), pad=2, generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DP step: per-example gradients, clipping, one Gaussian noise draw per logical step (Abadi et al. 2016, Alg. 1)
+# In DP-CLIP the "example" of mae_dp.py's DP block is a micro-batch of pairs; the block itself is unchanged.
+
+
+def make_per_example_grads(model, loss_fn):
+    """Returns f(params, buffers, batch) -> (per-example grads {name: (B, *shape)}, per-example losses (B,)).
+    The gradient of ONE example's loss, vmapped over the batch: each example is computed as if it were alone,
+    which is what clipping per example needs. batch: a tuple of tensors with the examples along dim 0.
+    randomness="different": any random op inside the model would draw independently per example."""
+
+    def one(params, buffers, example):  # a tuple: each tensor of one example, without the batch dim
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        return loss_fn(f, *(t[None] for t in example))[0]
+
+    return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
+
+
+def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen):
+    """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
+    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
+        grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
+        # ||g_i|| over all parameters together
+        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values()))  # (P,)
+        # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
+        for k, g in grads.items():
+            summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
+    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+             for k, s in summed.items()}
+    return noisy, loss_sum / max(count, 1)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, sigma, per_call, noise_gen):
+    """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
+    members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
+    those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss)."""
+    K = members.shape[0]
+    sizes = pair_mask.sum(1)  # (K,)
+    # micro-batches of similar size share a vmap call, padded only to the largest among them (compute only:
+    # which call a micro-batch goes through changes no value)
+    calls = data.physical_batches(torch.argsort(sizes, stable=True), per_call)  # [(micro-batch ids (P,), mask (P,))]
+    # a micro-batch with < 2 pairs has gradient 0 anyway; leaving it out of the mask keeps it out of the logged loss
+    calls = [(ids, mask & (sizes[ids] >= 2)) for ids, mask in calls]
+
+    def load(ids):
+        M = max(2, int(sizes[ids].max()))  # real pairs come first in each row: columns after M are all padding
+        return load_pairs(members[ids, :M], pair_mask[ids, :M])
+
+    # sensitivity 2C (module docstring): noise sigma * 2C on the sum; divide by K, the micro-batches per step
+    return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, sigma=2 * sigma, expected_batch=K,
+                   noise_gen=noise_gen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (NOT private: it reads labels and held-out captions; the private model is already fixed).
+# The linear probe is data.linear_probe, shared by every script; here, zero-shot classification and retrieval.
+
+TEMPLATES = ["a {}", "a large {}"]  # CLIP's prompt ensembling: a class's text embedding is the mean over these
+
+
+@torch.no_grad()
+def embed(fn, inputs, device, batch=256):
+    """fn over inputs (a tensor, or an ImageDataset whose images are normalised here) in chunks -> (N, E)."""
+    out = []
+    for i in range(0, len(inputs), batch):
+        idx = torch.arange(i, min(i + batch, len(inputs)))
+        x = data.normalize(inputs.images(idx)) if isinstance(inputs, data.ImageDataset) else inputs[idx]
+        out.append(fn(x.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def zero_shot(model, ds, text_len, device):
+    """Zero-shot classification: each image takes the class whose prompt embedding is the most similar.
+    Returns (accuracy, predicted class ids (N,))."""
+    model.eval()
+    prompts = data.ByteTokenizer().encode([t.format(c) for c in ds.classes for t in TEMPLATES], text_len)
+    classes = F.normalize(embed(model.encode_text, prompts, device).view(len(ds.classes), len(TEMPLATES), -1).mean(1), dim=-1)
+    pred = (embed(model.encode_image, ds, device) @ classes.T).argmax(1)  # (N,)
+    return (pred == ds.labels).float().mean().item(), pred
+
+
+def retrieval(model, ds, text_len, device):
+    """Recall@1/5 of image -> text (is an image's own caption among its k most similar of all N captions?) and
+    text -> image, on N held-out pairs."""
+    model.eval()
+    img = embed(model.encode_image, ds, device)
+    txt = embed(model.encode_text, data.ByteTokenizer().encode(ds.captions, text_len), device)
+    sim = img @ txt.T  # (N, N)
+    out = {}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        rank = (s > s.diagonal()[:, None]).sum(1)  # how many candidates beat the true one
+        out.update({f"{name}_r@{k}": (rank < k).float().mean().item() for k in (1, 5)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def build_model(args, channels):
+    cfg = SIZES[args.model]
+    return CLIP(args.size, args.patch, channels, args.text_len, **cfg)
+
+
+def load_encoder(encoder, path, device):
+    """--init: the image encoder from a mae_dp.py checkpoint ({"model": MAE state_dict, ...}) or a bare MAE
+    state_dict (the ViP-Syn cache, runs/cache/vip_syn_*.pt); its "encoder.*" keys, loaded strictly."""
+    if not Path(path).is_file():
+        raise ValueError(f"--init {path}: no such file (use 'none' or a mae_dp.py checkpoint path)")
+    state = torch.load(path, map_location=device, weights_only=True)
+    state = state.get("model", state)
+    state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every mismatch on many lines: keep the first
+        raise ValueError(f"--init {path}: not this image encoder (same --model, --patch, --size?): "
+                         f"{' '.join(str(e).split())[:300]}") from None
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out or f"runs/{args.name or f'clip_dp_eps{args.eps:g}_s{args.seed}'}")
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+        if any(k not in ("out", "name", "device", "log_every") for k in changed):
+            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+    args.patch = args.patch or (4 if args.model == "small" else 16)
+
+    # --- seeding and run naming (identical in every script) ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
+    if args.micro_batch < 2:
+        raise ValueError(f"--micro-batch must be >= 2 (a contrastive loss needs another pair to contrast), got {args.micro_batch}")
+    if args.text_len < 2:
+        raise ValueError(f"--text-len must be >= 2 (BOS and EOS), got {args.text_len}")
+    n_default = 20000 if args.data == "shapes" else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if private.captions is None:
+        raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
+    if args.size % args.patch:
+        raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
+    K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
+    print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
+          f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+    print(f"micro-batches: K={K} per step of about m={args.batch_size / K:.1f} pairs; noise sigma*2C={2 * sigma * args.clip:.4f} on their sum")
+
+    # --- initialisation: random, or the image encoder of a mae_dp.py run ---
+    model = build_model(args, private.channels).to(device)
+    random_init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    if args.init != "none":
+        load_encoder(model.encoder, args.init, device)
+        print(f"image encoder: loaded {args.init}")
+    init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+
+    # --- DP-CLIP: DP-SGD on the private pairs, clipped per micro-batch ---
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    accountant = RDPAccountant()
+    sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling and micro-batch assignment
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        accountant.load_state_dict(ckpt["accountant"])
+        step = ckpt["step"]
+        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+            g.set_state(s)
+        torch.set_rng_state(ckpt["rng"][3])
+        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+
+    per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
+    tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
+    load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, private.channels, args.size, args.size).to(device),
+                                    tokens[idx].to(device), mask.to(device))
+    per_call = max(1, round(args.physical_batch / args.micro_batch))
+
+    def save_checkpoint():
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
+                    accountant=accountant.state_dict(),
+                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()])
+        torch.save(ckpt, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+
+    bar = tqdm(range(args.steps - step), total=args.steps - step, initial=0, desc="DP-CLIP", dynamic_ncols=True)
+    with open(out / "metrics.jsonl", "a") as log:
+        for _ in bar:
+            members, pair_mask = sample_micro_batches(N, q, K, generator=sample_gen)
+            model.train()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            with autocast:
+                noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
+                                               clip=args.clip, sigma=sigma, per_call=per_call, noise_gen=noise_gen)
+            for k, p in params.items():
+                p.grad = noisy[k].to(p.dtype)
+            opt.step()
+            accountant.step(q=q, sigma=sigma)
+            step += 1
+            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
+            if step % args.log_every == 0 or step == args.steps:
+                eps_now = accountant.epsilon(delta)
+                rec = dict(step=step, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
+                           batch=int(pair_mask.sum()), time=time.time() - t0)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
+                save_checkpoint()
+    eps_spent = accountant.epsilon(delta)
+
+    # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
+    if probe_train.labels is None or probe_train.classes is None:
+        raise ValueError(f"--probe-data {args.probe_data} has no labels and class names")
+    held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n, seed=args.seed + 200)
+    if held_out.captions is None:
+        raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
+    zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
+    recall = retrieval(model, held_out, args.text_len, device)
+    encoder = build_model(args, private.channels).encoder.to(device).eval()
+    acc = {}
+    for name, state in (("random_init", random_init), ("init", init), ("clip", model.encoder.state_dict())):
+        if name == "init" and args.init == "none":
+            continue
+        encoder.load_state_dict(state)
+        acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
+    k = 16  # zero-shot.png: test images with the predicted class (and the true one when wrong)
+    names = [probe_test.classes[p] + ("" if p == t else f" ({probe_test.classes[t]})") for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
+    data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
+    summary = dict(method="DP-CLIP (clip_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=N,
+                   steps=step, batch_size=args.batch_size, micro_batch=args.micro_batch, micro_batches_per_step=K,
+                   noise_std_on_sum=2 * sigma * args.clip, clip=args.clip, init=args.init, data=private.name,
+                   probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc, chance=1 / len(probe_test.classes),
+                   retrieval_data=held_out.name, retrieval_not_private=recall, probe_accuracy_not_private=acc,
+                   wall_time_s=time.time() - t0, device=str(device), args=vars(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})")
+    print(f"zero-shot accuracy (not private): {zs_acc:.3f} (chance {1 / len(probe_test.classes):.3f})")
+    print(f"retrieval among {len(held_out)} held-out pairs (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt, zero_shot.png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
