@@ -1008,8 +1008,8 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     folders (root[/train|test]/<class>/*.jpg), COCO (annotations/captions_<split>*.json + images; one example per
     image, caption = its first caption, all of them in ds.all_captions: the privacy unit stays the image),
     webdataset .tar shards (key.jpg + key.txt [+ key.cls]; index cached as <shard>.idx.json), TSV/CSV of
-    image_path<TAB>caption. Splits: train / test (test also finds val). n: keep the first n examples (shapes:
-    generate n). seed: the shapes seed; real data ignores it. Images are resized (short side) and centre-cropped
+    image_path<TAB>caption. Splits: train / test (test also finds val). n: a seeded random subset of n examples
+    (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized (short side) and centre-cropped
     to size x size.
     """
     if path_or_name == "shapes":
@@ -1021,24 +1021,68 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
         raise DataError(f"{path}: no such file or folder (use 'shapes' or a path to a dataset)")
     ds = _detect(path, split, size)
     if n is not None:
-        ds = _first(ds, int(n))
+        ds = _subset(ds, int(n), seed)
     return ds
 
 
-def _first(ds, n):
-    """The first n examples of ds (all of them when n >= len(ds))."""
+def _subset(ds, n, seed):
+    """n examples of ds drawn uniformly without replacement (seeded), kept in dataset order; all of ds when
+    n >= len(ds). Not the first n: image-folder trees are sorted by class, so the first n would hold one class.
+    The draw depends only on (len(ds), n, seed), never on the data."""
     if n <= 0:
         raise DataError(f"{ds.name}: n must be positive, got {n}")
     if n >= len(ds):
         return ds
-    decode = ds._decode
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(_seed_from("subset", seed)))[:n].sort().values
+    parent = ds
     out = ImageDataset(ds.name, size=ds.size, channels=ds.channels, n=n,
-                       pixels=None if ds._pixels is None else ds._pixels[:n], decode=decode,
-                       labels=None if ds.labels is None else ds.labels[:n], classes=ds.classes,
-                       captions=None if ds.captions is None else ds.captions[:n])
+                       decode=None if ds._pixels is not None else (lambda i: parent.images([int(keep[i])])[0]),
+                       pixels=None if ds._pixels is None else ds._pixels[keep],
+                       labels=None if ds.labels is None else ds.labels[keep], classes=ds.classes,
+                       captions=None if ds.captions is None else [ds.captions[i] for i in keep.tolist()])
     if hasattr(ds, "all_captions"):
-        out.all_captions = ds.all_captions[:n]
+        out.all_captions = [ds.all_captions[i] for i in keep.tolist()]
     return out
+
+
+# -----------------------------------------------------------------------------
+# evaluation shared by the scripts: a linear probe on frozen features (NOT private: it reads probe labels)
+
+
+def linear_probe(encode, train, test, *, device, batch=256, steps=200):
+    """Test accuracy of logistic regression on frozen features (the linear-probe protocol of MAE, ViP, DP-Cap).
+
+    encode(x) maps float images (B, C, H, W) in [-1, 1] on `device` to features (B, D). Features are standardised
+    with the probe *training* set's mean and std (downstream data, not the private set), then a linear head is fit
+    full-batch with L-BFGS and a small L2 penalty. Grey sets are fed as they are: encode decides on channels.
+    """
+    if train.labels is None or test.labels is None:
+        raise DataError(f"{train.name}: the linear probe needs labels")
+
+    @torch.no_grad()
+    def features(ds):
+        out = []
+        for i in range(0, len(ds), batch):
+            x = normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
+            out.append(encode(x).float().cpu())
+        return torch.cat(out)  # (N, D)
+
+    ftr, fte = features(train), features(test)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    with torch.enable_grad():
+        head = torch.nn.Linear(ftr.shape[1], int(max(train.labels.max(), test.labels.max())) + 1)
+        opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return (head(fte).argmax(1) == test.labels).float().mean().item()
 
 
 if __name__ == "__main__":

@@ -522,3 +522,46 @@ def test_shared_cifar10_jpeg(tmp_path_factory):
     assert ds.classes == ["cat", "dog"] and len(ds) == 2000 and torch.bincount(ds.labels).tolist() == [1000, 1000]
     x = ds.images(torch.arange(0, 2000, 50))
     assert x.shape == (40, 3, 32, 32) and 60 < x.float().mean() < 200
+
+
+def test_n_is_a_seeded_random_subset_not_the_first_n(tmp_path):
+    """Image folders are sorted by class: n must draw across the whole set, and labels must follow their images."""
+    _folder(tmp_path / "f", classes=("a", "b", "c", "d"), k=10)
+    full = load_dataset(str(tmp_path / "f"), size=16)
+    sub = load_dataset(str(tmp_path / "f"), size=16, n=12, seed=1)
+    assert len(sub) == 12 and len(set(sub.labels.tolist())) >= 3  # the first 12 would hold 2 classes
+    # each kept image is the full set's image with the same label
+    pos = {tuple(full.images([i])[0].flatten()[:64].tolist()): i for i in range(len(full))}
+    for j in range(12):
+        i = pos[tuple(sub.images([j])[0].flatten()[:64].tolist())]
+        assert full.labels[i] == sub.labels[j]
+    again = load_dataset(str(tmp_path / "f"), size=16, n=12, seed=1)
+    other = load_dataset(str(tmp_path / "f"), size=16, n=12, seed=2)
+    assert torch.equal(again.images(torch.arange(12)), sub.images(torch.arange(12)))
+    assert not torch.equal(other.images(torch.arange(12)), sub.images(torch.arange(12)))
+
+
+def test_linear_probe_separable_and_chance():
+    """Features that carry the label linearly give ~100%; features independent of the label give ~chance."""
+    torch.manual_seed(0)
+    n_cls, n = 5, 600
+
+    class Set:  # the minimal ImageDataset surface linear_probe reads; pixel (0, 0) stores the label
+        def __init__(self, labels):
+            self.labels, self.name = labels, "probe"
+            self.pix = torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8)
+            self.pix[:, 0, 0, 0] = labels.to(torch.uint8) * 50
+
+        def __len__(self):
+            return len(self.labels)
+
+        def images(self, idx):
+            return self.pix[idx]
+
+    train, test = Set(torch.randint(0, n_cls, (n,))), Set(torch.randint(0, n_cls, (n,)))
+    centres = torch.randn(n_cls, 8) * 3
+    label_of = lambda x: ((x[:, 0, 0, 0] + 1) / 2 * 255 / 50).round().long()  # normalize() undone
+    informative = lambda x: centres[label_of(x)] + torch.randn(len(x), 8)
+    noise_only = lambda x: torch.randn(len(x), 8)
+    assert data.linear_probe(informative, train, test, device="cpu", batch=128) > 0.95
+    assert data.linear_probe(noise_only, train, test, device="cpu", batch=128) < 0.35  # chance is 0.2
