@@ -1,0 +1,234 @@
+"""clip_dp.py: per-micro-batch gradients, the micro-batch split, clipping, noise sigma*2C, and the script end to end."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import accountant
+import clip_dp as M
+import data
+from conftest import run_script
+
+T = 12  # text length of the tiny model
+
+
+def tiny_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    return M.CLIP(16, 4, 3, T, **M.SIZES["tiny"]).to(dtype)
+
+
+def functional(model):
+    return ({k: v.detach() for k, v in model.named_parameters()}, {k: v.detach() for k, v in model.named_buffers()})
+
+
+def pairs(G, Mx, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(G, Mx, 3, 16, 16, generator=g, dtype=dtype), torch.randint(3, 259, (G, Mx, T), generator=g)
+
+
+def flat(g):
+    return torch.cat([v.reshape(-1) for v in g.values()])
+
+
+def test_micro_batch_grads_equal_naive_loop_and_ignore_padding():
+    """vmap over micro-batches == one backward pass per micro-batch on its real pairs only (padding removed)."""
+    model = tiny_model()
+    params, buffers = functional(model)
+    imgs, toks = pairs(4, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    grads, losses = M.make_per_example_grads(model, M.clip_loss)(params, buffers, (imgs, toks, mask))
+    for i in range(4):
+        n = int(mask[i].sum())
+        if n < 2:  # no pair to contrast: loss 0, gradient exactly 0
+            assert losses[i] == 0 and all((g[i] == 0).all() for g in grads.values())
+            continue
+        model.zero_grad()
+        loss = M.clip_loss(model, imgs[i:i + 1, :n], toks[i:i + 1, :n], mask[i:i + 1, :n])[0]
+        loss.backward()
+        torch.testing.assert_close(losses[i], loss.detach())
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(grads[k][i], p.grad, rtol=1e-8, atol=1e-12, msg=k)
+
+
+def test_loss_is_symmetric_infonce():
+    """A hand-written InfoNCE on the embeddings: mean over pairs of (CE(image -> captions) + CE(caption -> images)) / 2."""
+    model = tiny_model()
+    imgs, toks = pairs(1, 4)
+    img, txt, scale = model(imgs[0], toks[0])
+    logits = scale * img @ txt.T
+    target = torch.arange(4)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+    torch.testing.assert_close(M.clip_loss(model, imgs, toks, torch.ones(1, 4, dtype=torch.bool))[0], ref)
+
+
+def test_micro_batches_are_a_per_pair_random_assignment():
+    """Each row holds exactly the sampled pairs whose own draw chose it: a pair's micro-batch depends on nothing
+    else, so removing a sampled pair empties its slot in its own row and leaves every other row as it was."""
+    n, q, K = 500, 0.3, 7
+    members, mask = M.sample_micro_batches(n, q, K, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, replayed
+    picked = data.poisson_sample(n, q, generator=g)
+    slot = torch.randint(K, (n,), generator=g)
+    assert members.shape[0] == K and int(mask.sum()) == len(picked)
+    for j in range(K):
+        assert members[j][mask[j]].tolist() == [i for i in picked.tolist() if slot[i] == j]
+        assert (members[j][~mask[j]] == 0).all()
+
+
+def dp_on(model, members, mask, imgs, toks, *, clip, sigma, per_call=2, seed=0):
+    """clip_dp.micro_batch_step on pairs stored in imgs (N, 3, 16, 16), toks (N, T)."""
+    params, buffers = functional(model)
+    peg = M.make_per_example_grads(model, M.clip_loss)
+    load_pairs = lambda idx, m: (imgs[idx], toks[idx], m)
+    return M.micro_batch_step(peg, params, buffers, members, mask, load_pairs, clip=clip, sigma=sigma,
+                              per_call=per_call, noise_gen=torch.Generator().manual_seed(seed))[0]
+
+
+def test_each_clipped_micro_batch_gradient_has_norm_at_most_C():
+    model = tiny_model()
+    imgs, toks = pairs(1, 12, seed=1)
+    imgs, toks = imgs[0] * 3, toks[0]
+    rows = torch.arange(12).view(4, 3)  # 4 micro-batches of 3 pairs
+    params, buffers = functional(model)
+    raw, _ = M.make_per_example_grads(model, M.clip_loss)(params, buffers, (imgs[rows], toks[rows], torch.ones(4, 3, dtype=torch.bool)))
+    raw_norms = torch.stack([flat({k: v[i] for k, v in raw.items()}).norm() for i in range(4)])
+    clip = float(raw_norms.median())  # some micro-batches above C, some below
+    total = 0
+    for j in range(4):
+        one = flat(dp_on(model, rows[j:j + 1], torch.ones(1, 3, dtype=torch.bool), imgs, toks, clip=clip, sigma=0.0))
+        assert one.norm() <= clip * (1 + 1e-6)  # dp_step measures norms in float32
+        torch.testing.assert_close(one.norm(), torch.minimum(raw_norms[j], torch.tensor(clip, dtype=torch.float64)),
+                                   rtol=1e-5, atol=0)
+        total = total + one
+    # the step sums the clipped micro-batch gradients and divides by K, the number of micro-batches
+    together = flat(dp_on(model, rows, torch.ones(4, 3, dtype=torch.bool), imgs, toks, clip=clip, sigma=0.0))
+    torch.testing.assert_close(together, total / 4)
+
+
+def test_one_pair_changes_one_micro_batch_only():
+    """Remove a pair, or change its caption: only its own micro-batch's gradient moves (the others bit for bit),
+    and the clipped sum moves by at most 2C: the sensitivity the noise is calibrated to."""
+    model = tiny_model()
+    imgs, toks = pairs(1, 12, seed=2)
+    imgs, toks = imgs[0], toks[0]
+    members = torch.arange(12).view(4, 3)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    params, buffers = functional(model)
+    peg = M.make_per_example_grads(model, M.clip_loss)
+    # the image encoder draws a (pooling-invariant) token shuffle from the global generator: same draws both times
+    torch.manual_seed(0)
+    base, _ = peg(params, buffers, (imgs[members], toks[members], mask))
+    removed = mask.clone()
+    removed[2, 1] = False  # pair 7 leaves micro-batch 2
+    toks2 = toks.clone()
+    toks2[7] = torch.randint(3, 259, (T,), generator=torch.Generator().manual_seed(9))  # pair 7 gets another caption
+    for m, tk in ((removed, toks), (mask, toks2)):
+        torch.manual_seed(0)
+        after, _ = peg(params, buffers, (imgs[members], tk[members], m))
+        for k in base:
+            for j in (0, 1, 3):
+                assert torch.equal(after[k][j], base[k][j]), (k, j)
+            assert not torch.equal(after[k][2], base[k][2]) or base[k][2].abs().max() == 0
+        clip = 1e-3  # every micro-batch gradient is clipped: each moves by up to 2C
+        a = flat(dp_on(model, members, mask, imgs, toks, clip=clip, sigma=0.0)) * 4  # the clipped sums
+        b = flat(dp_on(model, members, m, imgs, tk, clip=clip, sigma=0.0)) * 4
+        assert 0 < (a - b).norm() <= 2 * clip * (1 + 1e-6)
+
+
+def test_noise_has_std_sigma_2C_over_K():
+    """No micro-batch with two pairs leaves only the noise: per coordinate its std must be sigma * 2C / K."""
+    model = tiny_model(torch.float32)
+    imgs, toks = pairs(1, 4, torch.float32)
+    K, sigma, clip = 8, 1.7, 0.5
+    members = torch.zeros(K, 2, dtype=torch.long)
+    mask = torch.zeros(K, 2, dtype=torch.bool)
+    mask[0, 0] = True  # one lone pair: no contrastive loss, no gradient
+    z = flat(dp_on(model, members, mask, imgs[0], toks[0], clip=clip, sigma=sigma, seed=3))
+    n = z.numel()
+    assert n > 5000
+    expected = sigma * 2 * clip / K
+    # the sample std of n normals has relative standard error ~ 1/sqrt(2n); allow 5 of them
+    assert abs(z.std().item() / expected - 1) < 5 / (2 * n) ** 0.5
+    assert abs(z.mean().item()) < 5 * expected / n ** 0.5
+
+
+def test_init_loads_a_mae_dp_encoder(tmp_path):
+    import mae_dp
+    torch.manual_seed(1)
+    mae = mae_dp.MAE(16, 4, 3, **mae_dp.SIZES["tiny"])
+    torch.save({"model": mae.state_dict(), "step": 3}, tmp_path / "checkpoint.pt")  # a mae_dp.py checkpoint
+    torch.save(mae.state_dict(), tmp_path / "vip_syn.pt")  # the bare ViP-Syn cache
+    for f in ("checkpoint.pt", "vip_syn.pt"):
+        model = M.CLIP(16, 4, 3, T, **M.SIZES["tiny"])
+        M.load_encoder(model.encoder, tmp_path / f, "cpu")
+        for k, v in mae.encoder.state_dict().items():
+            assert torch.equal(model.encoder.state_dict()[k], v), k
+    small = M.CLIP(16, 4, 3, T, **M.SIZES["small"])
+    with pytest.raises(ValueError, match="not this image encoder"):
+        M.load_encoder(small.encoder, tmp_path / "vip_syn.pt", "cpu")
+
+
+TINY = ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--micro-batch", "4",
+        "--physical-batch", "16", "--text-len", str(T), "--probe-n", "200", "--retrieval-n", "100", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("clip")
+    r = run_script("clip_dp.py", "--eps", "4", "--steps", "4", "--out", "run", *TINY, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, r
+
+
+def test_smoke_run_writes_a_true_claim(smoke):
+    cwd, r = smoke
+    s = json.loads((cwd / "run" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["n"] == 300 and s["delta"] == pytest.approx(1 / 600)
+    assert s["q"] == pytest.approx(40 / 300) and s["micro_batches_per_step"] == 10
+    assert s["eps"] <= 4.0
+    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=4, delta=s["delta"]))
+    assert s["noise_std_on_sum"] == pytest.approx(2 * s["sigma"] * s["clip"])
+    assert 0 <= s["zero_shot_accuracy_not_private"] <= 1
+    assert set(s["retrieval_not_private"]) == {f"{d}_r@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5)}
+    assert set(s["probe_accuracy_not_private"]) == {"random_init", "clip"}
+    lines = [json.loads(l) for l in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [2, 4]
+    assert (cwd / "run" / "zero_shot.png").stat().st_size > 0
+    assert "eps=" in r.stdout
+
+
+def test_resume_continues_step_and_epsilon(smoke, tmp_path):
+    cwd, _ = smoke
+    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["accountant"]
+    ck["args"]["steps"] = 6
+    eps4 = accountant.RDPAccountant()
+    eps4.load_state_dict(ck["accountant"])
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_script("clip_dp.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step 4" in r.stdout
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 6
+    # epsilon continues from the checkpoint: 4 steps at the old sigma + 2 more, not 2 from scratch
+    eps4.step(q=s["q"], sigma=s["sigma"], steps=2)
+    assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--micro-batch", "1"], "--micro-batch"),
+    (["--eps", "0"], "eps"),
+    (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
+    (["--batch-size", "301"], "batch"),
+    (["--data", "/no/such/path"], "/no/such/path"),
+    (["--init", "/no/such/ckpt.pt"], "--init"),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
+    r = run_script("clip_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error:") and words in last[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
