@@ -252,7 +252,10 @@ def test_cifar10_folder_and_tar_gz(tmp_path):
     with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     t = load_dataset(str(tmp_path / "c.tar.gz"), n=7)
-    assert len(t) == 7 and torch.equal(t.images([0]), ds.images([0]))
+    full = load_dataset(str(tmp_path / "c.tar.gz"))
+    assert len(t) == 7 and torch.equal(full.images(torch.arange(20)), ds.images(torch.arange(20)))
+    # n= keeps 7 of the 20 (a seeded random subset), each one an image of the full set
+    assert all(any(torch.equal(t.images([j])[0], ds.images([i])[0]) for i in range(20)) for j in range(7))
 
 
 def test_cifar100(tmp_path):
@@ -414,7 +417,7 @@ def test_webdataset_shards_and_index_cache(tmp_path, monkeypatch):
     assert (tmp_path / "00000.tar.idx.json").exists()
     # a second load reads the cached index: no tar parsing at all
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-indexed")))
-    assert load_dataset(str(tmp_path), n=3).captions == ds.captions[:3]
+    assert set(load_dataset(str(tmp_path), n=3).captions) <= set(ds.captions)  # a subset, from the cached index
     monkeypatch.undo()
     _shard(tmp_path / "00001.tar", pics[4:6], start=4, cls=False)  # a changed shard is re-indexed
     ds2 = load_dataset(str(tmp_path / "00001.tar"))
