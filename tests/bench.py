@@ -197,7 +197,48 @@ def bench_mae():
     dp_vs_nonprivate(dp, plain, B, device=device)
 
 
-SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae}
+# --- clip_dp.py -----------------------------------------------------------------------------------------------------
+
+def bench_clip():
+    """The default model (`--model small`), micro-batch (m = 8) and physical batch (128 pairs) of `python clip_dp.py`:
+    one vmap call over 16 full micro-batches, against one backward pass of the same 16 micro-batch losses."""
+    import torch
+
+    import clip_dp as M
+
+    args = M.parse_args([])[1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = M.CLIP(args.size, 4, 3, args.text_len, **M.SIZES[args.model]).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    B, m = args.physical_batch, args.micro_batch
+    K = B // m
+    x = torch.rand(K, m, 3, args.size, args.size, device=device) * 2 - 1
+    tokens = torch.randint(3, 259, (K, m, args.text_len), device=device)
+    pair_mask = torch.ones(K, m, dtype=torch.bool, device=device)
+    members = torch.arange(B).view(K, m)
+    per_example_grads = M.make_per_example_grads(model, M.clip_loss)
+    gen = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def dp():
+        with autocast:
+            M.micro_batch_step(per_example_grads, params, buffers, members, pair_mask.cpu(), lambda idx, mask: (x, tokens, pair_mask),
+                               clip=1.0, sigma=1.0, per_call=K, noise_gen=gen)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = M.clip_loss(model, x, tokens, pair_mask).mean()
+        loss.backward()
+
+    print(f"  model '{args.model}': {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters, "
+          f"{K} micro-batches of {m} pairs")
+    dp_vs_nonprivate(dp, plain, B, device=device)
+
+
+SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae, "clip": bench_clip}
 
 
 def main(argv=None):
