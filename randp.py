@@ -1,0 +1,419 @@
+"""DP-RandP: a prior learned from random processes, then a DP linear probe and DP fine-tuning.
+
+Paper: Tang, Panda, Sehwag & Mittal, "Differentially Private Image Classification by Learning Priors from Random
+Processes" (NeurIPS 2023). The recipe, in the order this file follows it:
+  I.   Prior (public, no privacy cost): learn a representation from random-process images only (data.py's dead
+       leaves, spectral noise and shaders stand in for the paper's StyleGAN-Oriented / Shaders sets), with the
+       alignment + uniformity loss of Wang & Isola (2020) over two augmented views. No private example is read.
+  II.  DP linear probe: DP-SGD (Abadi et al. 2016) on the private labelled images, training only the classifier
+       head on the frozen prior, for --lp-steps steps.
+  III. DP fine-tuning: DP-SGD on the whole network for the remaining steps.
+  II and III are ONE private run: one accountant composes them, and sigma is calibrated for all --steps so the
+  run's total epsilon is --eps. The paper's DP tricks (De et al. 2022): augmentation multiplicity (each
+  example's gradient is the mean over K augmented copies, taken before clipping) and an exponential moving
+  average (EMA) of the weights, used for evaluation (post-processing: free).
+What is simplified: a narrow WRN-16-1 and short runs by default, so a 2-core CPU runs MNIST in minutes (the
+paper's WRN-16-4, batch 4096, 875 steps, K = 16 is the GPU command below); the paper's random-process sets are
+data.py's generators; the test split is read once, at the end, for the report.
+
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop          # MNIST, 2-core CPU: see README
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --no-prior   # the plain DP-SGD baseline
+  python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 \\
+      --aug-mult 16 --physical-batch 256 --prior-steps 20000 --prior-batch 512     # paper scale, GPU
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm import tqdm
+
+import data
+from accountant import RDPAccountant, dp_sgd_plan
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("privacy")
+    g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together)")
+    g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
+    g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
+    g.add_argument("--steps", type=int, default=100, help="logical DP-SGD steps of phases II + III together")
+    g.add_argument("--lp-steps", type=int, default=20, help="phase II: steps of DP linear probing (head only); ignored with --no-prior")
+    g.add_argument("--aug-mult", type=int, default=2, help="K: augmented copies per example, averaged before clipping")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--size", type=int, default=32, help="image side H = W (grey sets are repeated to 3 channels)")
+    g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip", help="private augmentation: reflect-pad-4 crop, and a horizontal flip (not for digits)")
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=float, default=1, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 1 = CPU default, 0.25 = tests")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2.0, help="peak SGD learning rate of phase III (fine-tuning)")
+    g.add_argument("--lp-lr", type=float, default=4.0, help="peak SGD learning rate of phase II (linear probe)")
+    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (De et al. use none)")
+    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights evaluated (ramped up over the first steps)")
+    g = p.add_argument_group("phase I: prior from random processes (public, no privacy cost)")
+    g.add_argument("--no-prior", action="store_true", help="random init and phase III only: plain DP-SGD, the baseline")
+    g.add_argument("--prior-steps", type=int, default=300, help="alignment + uniformity steps on random-process images")
+    g.add_argument("--prior-batch", type=int, default=128, help="random-process images per step (two views each)")
+    g.add_argument("--prior-lr", type=float, default=0.1, help="peak SGD learning rate of phase I")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    g.add_argument("--name", default=None, help="run name (default randp_eps<eps>_s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--log-every", type=int, default=5, help="steps between log lines and checkpoints")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if present), 'cpu' or 'cuda'")
+    return p, p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: WRN-16-k (Zagoruyko & Komodakis 2016), pre-activation blocks, GroupNorm instead of BatchNorm
+
+
+def norm(c):
+    """GroupNorm, never BatchNorm: BatchNorm normalises with statistics of the whole batch, so one example's output
+    (and gradient) would depend on the others, and per-example clipping would no longer bound one example's
+    influence. GroupNorm's statistics are those of the example itself (16 groups as De et al., fewer when narrow)."""
+    return nn.GroupNorm(max(1, min(16, c // 4)), c)
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C', H/s, W/s)
+        o = F.relu(self.norm1(x))
+        y = self.conv2(F.relu(self.norm2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WRN(nn.Module):
+    """WRN-16-k: a 3x3 stem, three groups of two blocks (widths 16k, 32k, 64k; strides 1, 2, 2), global average
+    pooling to D = 64k features, and a linear classifier `head` (zero-initialised, as De et al.)."""
+
+    def __init__(self, width, classes):
+        super().__init__()
+        w = [16, max(4, round(16 * width)), max(4, round(32 * width)), max(4, round(64 * width))]
+        self.stem = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.blocks = nn.Sequential(*(Block(w[i] if j == 0 else w[i + 1], w[i + 1], (1, 2, 2)[i] if j == 0 else 1)
+                                      for i in range(3) for j in range(2)))
+        self.norm = norm(w[3])
+        self.dim = w[3]
+        self.head = nn.Linear(w[3], classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, D)
+        return F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
+
+    def forward(self, x):  # -> logits (B, classes)
+        return self.head(self.features(x))
+
+
+def trainable_split(params, buffers, phase):
+    """(trainable, frozen) tensors of a phase. Phase II ("linear_probe") trains the head only: the body joins the
+    frozen tensors, so no gradient is computed for it, no noise is added to it, and the optimiser skips it."""
+    if phase == "fine_tune":
+        return params, buffers
+    head = {k: v for k, v in params.items() if k.startswith("head.")}
+    return head, {**{k: v for k, v in params.items() if k not in head}, **buffers}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example loss
+
+
+def classify_loss(forward, views, labels):
+    """Cross-entropy per example, (B,), averaged over its K augmented views (augmentation multiplicity, De et al.
+    2022, Sec. 3.1): views (B, K, C, H, W), labels (B,). The mean over K is inside ONE example's loss, so its
+    gradient is the mean of its K views' gradients, taken before clipping: still one example's gradient, and
+    the sensitivity stays C. forward: the model, or its functional_call."""
+    B, K = views.shape[:2]
+    logits = forward(views.flatten(0, 1))  # (B*K, classes)
+    return F.cross_entropy(logits, labels.repeat_interleave(K), reduction="none").view(B, K).mean(1)  # (B,)
+
+
+def augment(imgs_uint8, gen, k, flip):
+    """K augmented views per example, drawn per example (never mixing examples): a reflect-padded random crop and,
+    for sets where mirroring keeps the label, a horizontal flip. Grey images are repeated to 3 channels, so one
+    prior (learned on colour random processes) serves every dataset. Returns views (B, K, 3, H, W) in [-1, 1]."""
+    x = data.normalize(data.to_rgb(imgs_uint8)).repeat_interleave(k, 0)  # (B*K, 3, H, W)
+    x = data.random_crop(x, pad=4, generator=gen)
+    x = data.hflip(x, generator=gen) if flip else x
+    return x.view(-1, k, *x.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DP step: per-example gradients, clipping, one Gaussian noise draw per logical step (Abadi et al. 2016, Alg. 1)
+
+
+def make_per_example_grads(model, loss_fn):
+    """Returns f(params, buffers, batch) -> (per-example grads {name: (B, *shape)}, per-example losses (B,)).
+    The gradient of ONE example's loss, vmapped over the batch: each example is computed as if it were alone,
+    which is what clipping per example needs. batch: a tuple of tensors with the examples along dim 0.
+    randomness="different": any random op inside the model would draw independently per example."""
+
+    def one(params, buffers, example):  # a tuple: each tensor of one example, without the batch dim
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        return loss_fn(f, *(t[None] for t in example))[0]
+
+    return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
+
+
+def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen):
+    """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
+    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
+        grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
+        # ||g_i|| over all parameters together
+        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values()))  # (P,)
+        # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
+        for k, g in grads.items():
+            summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
+    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+             for k, s in summed.items()}
+    return noisy, loss_sum / max(count, 1)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase I: the prior, ordinary (non-private) training on public random-process images (no privacy cost, cached)
+
+
+def align_uniform_loss(z1, z2, t=2.0):
+    """Wang & Isola (2020): z1, z2 (B, D) on the unit sphere, two views of the same B images.
+    alignment: E ||z1 - z2||^2 pulls views of one image together; uniformity: log E exp(-t ||zi - zj||^2) over
+    pairs of different images spreads the features over the sphere. Loss = align + (unif(z1) + unif(z2)) / 2."""
+    align = (z1 - z2).pow(2).sum(1).mean()
+    unif = lambda z: torch.pdist(z).pow(2).mul(-t).exp().mean().log()
+    return align + (unif(z1) + unif(z2)) / 2
+
+
+def prior_views(imgs_uint8, gen):
+    """Phase I augmentation (stronger than phase II's: contrastive learning needs it): random resized crop, flip
+    and colour jitter. (B, 3, H, W) uint8 -> float in [-1, 1]."""
+    x = data.random_resized_crop(data.normalize(imgs_uint8), scale=(0.2, 1.0), generator=gen)
+    return data.color_jitter(data.hflip(x, generator=gen), strength=0.4, generator=gen)
+
+
+def train_prior(model, args, device, autocast):
+    gen = torch.Generator().manual_seed(10_000 + args.seed)
+    proj = nn.Linear(model.dim, 128).to(device)  # projection head of phase I only (discarded, as in SimCLR)
+    opt = torch.optim.SGD([*model.parameters(), *proj.parameters()], lr=args.prior_lr, momentum=0.9, weight_decay=5e-4)
+    bar = tqdm(range(args.prior_steps), desc="phase I: prior (public)", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.prior_steps, args.prior_lr, max(1, args.prior_steps // 20))
+        imgs = data.random_process_images(args.prior_batch, args.size, generator=gen)
+        x1, x2 = (prior_views(imgs, gen).to(device) for _ in range(2))
+        with autocast:
+            z1, z2 = (F.normalize(proj(model.features(x)).float(), dim=1) for x in (x1, x2))  # (B, 128)
+            loss = align_uniform_loss(z1, z2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (once, at the end, on the test split: nothing is selected with it)
+
+
+@torch.no_grad()
+def accuracy(model, ds, device, batch=500):
+    model.eval()
+    correct = 0
+    for i in range(0, len(ds), batch):
+        idx = torch.arange(i, min(i + batch, len(ds)))
+        x = data.normalize(data.to_rgb(ds.images(idx))).to(device)
+        correct += int((model(x).argmax(1).cpu() == ds.labels[idx]).sum())
+    return correct / len(ds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out or f"runs/{args.name or f'randp_eps{args.eps:g}_s{args.seed}'}")
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+        if any(k not in ("out", "name", "device", "log_every") for k in changed):
+            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+    lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
+    if not 0 <= lp_steps < args.steps:
+        raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")
+    if args.aug_mult < 1 or args.width <= 0:
+        raise ValueError(f"--aug-mult must be >= 1 and --width > 0, got {args.aug_mult} and {args.width:g}")
+
+    # --- seeding and run naming (identical in every script) ---
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
+    n_default = 20000 if args.data == "shapes" else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if private.labels is None:
+        raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
+    # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
+    print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
+          f"steps={args.steps} (linear probe {lp_steps}, fine-tune {args.steps - lp_steps}) K={args.aug_mult} "
+          f"clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+
+    # --- phase I: the prior from random processes (public), or a random init ---
+    model = WRN(args.width, len(private.classes)).to(device)
+    t_prior = time.time()
+    if not args.no_prior:
+        cache = Path("runs/cache") / (f"randp_prior_wrn16-{args.width:g}_s{args.size}_{args.prior_steps}x{args.prior_batch}"
+                                      f"_lr{args.prior_lr}_seed{args.seed}.pt")
+        if cache.exists():
+            body = torch.load(cache, map_location=device, weights_only=True)
+            print(f"phase I: loaded {cache}")
+        else:
+            train_prior(model, args, device, autocast)
+            body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(body, str(cache) + ".tmp")
+            os.replace(str(cache) + ".tmp", cache)
+        model.load_state_dict(body, strict=False)  # the body only: the head is new, zero, for this task's classes
+        gen = torch.Generator().manual_seed(10_000 + args.seed)
+        data.save_grid(data.random_process_images(32, args.size, generator=gen), out / "priors.png", scale=2)
+    t_prior = time.time() - t_prior
+
+    # --- phases II and III: DP-SGD on the private images, one accountant for both ---
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    opt = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum)
+    ema = {k: v.clone() for k, v in params.items()}  # evaluated weights: a function of released ones, so free
+    accountant = RDPAccountant()
+    sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops and flips
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        accountant.load_state_dict(ckpt["accountant"])
+        step = ckpt["step"]
+        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+            g.set_state(s)
+        torch.set_rng_state(ckpt["rng"][3])
+        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+
+    per_example_grads = make_per_example_grads(model, classify_loss)
+    flip = args.aug == "crop_flip"
+    load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device), private.labels[idx].to(device))
+
+    def save_checkpoint():
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
+                    accountant=accountant.state_dict(), phase=phase, ema=ema,
+                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()])
+        torch.save(ckpt, str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
+
+    batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen)
+    bar = tqdm(batches, total=args.steps - step, initial=0, desc="DP-SGD (phases II+III)", dynamic_ncols=True)
+    with open(out / "metrics.jsonl", "a") as log:
+        for micro_batches in bar:
+            model.train()
+            phase = "linear_probe" if step < lp_steps else "fine_tune"
+            first, total, peak = (0, lp_steps, args.lp_lr) if phase == "linear_probe" else (lp_steps, args.steps - lp_steps, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step - first, total, peak, min(args.warmup, total))
+            trainable, frozen = trainable_split(params, buffers, phase)
+            with autocast:
+                noisy, loss = dp_step(per_example_grads, trainable, frozen, micro_batches, load, clip=args.clip,
+                                      sigma=sigma, expected_batch=args.batch_size, noise_gen=noise_gen)
+            for k, p in params.items():  # in phase II the body gets no gradient, so SGD leaves it untouched
+                p.grad = noisy[k].to(p.dtype) if k in noisy else None
+            opt.step()
+            accountant.step(q=q, sigma=sigma)
+            step += 1
+            decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up (De et al.): early weights fade fast
+            for k, p in params.items():
+                ema[k].lerp_(p, 1 - decay)
+            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
+            if step % args.log_every == 0 or step == args.steps:
+                eps_now = accountant.epsilon(delta)
+                rec = dict(step=step, phase=phase, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
+                           batch=sum(int(m.sum()) for _, m in micro_batches), time=time.time() - t0)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                tqdm.write(f"step {step}/{args.steps} ({phase}) loss {loss:.4f} eps {eps_now:.3f}")
+                save_checkpoint()
+    eps_spent = accountant.epsilon(delta)
+
+    # --- evaluation: the EMA weights, on the test split, once (the report; nothing is chosen with it) ---
+    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
+    model.load_state_dict(ema, strict=False)  # parameters only; GroupNorm keeps no running statistics
+    acc = accuracy(model, test, device)
+    phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),
+              dict(phase="fine_tune", steps=args.steps - lp_steps, q=q, sigma=sigma)]
+    summary = dict(method="DP-RandP (randp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q,
+                   n=N, steps=step, phases=phases, batch_size=args.batch_size, clip=args.clip, aug_mult=args.aug_mult,
+                   prior=not args.no_prior, width=args.width, data=private.name, test_data=test.name,
+                   test_accuracy=acc, prior_time_s=t_prior, wall_time_s=time.time() - t0, device=str(device),
+                   args=vars(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    print(f"test accuracy (EMA weights, {test.name}, n={len(test)}): {acc:.4f}")
+    print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt{'' if args.no_prior else ', priors.png'} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,169 @@
+"""randp.py: per-example gradients with augmentation multiplicity, the phase switch, the composed privacy claim,
+and the script end to end (tiny sizes)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import accountant
+import randp as R
+from conftest import run_script
+
+
+def tiny_model(dtype=torch.float64, classes=4):
+    torch.manual_seed(0)
+    model = R.WRN(0.25, classes).to(dtype)
+    for p in model.head.parameters():  # the zero head would zero every body gradient: give it values
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def functional(model):
+    return ({k: v.detach() for k, v in model.named_parameters()}, {k: v.detach() for k, v in model.named_buffers()})
+
+
+def flat(g):
+    return torch.cat([v.reshape(-1) for v in g.values()])
+
+
+def test_per_example_grads_with_aug_mult_equal_naive_loop():
+    model = tiny_model()
+    params, buffers = functional(model)
+    views, labels = torch.randn(4, 3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 1, 3])  # (B, K, C, H, W)
+    grads, losses = R.make_per_example_grads(model, R.classify_loss)(params, buffers, (views, labels))
+    for i in range(4):
+        model.zero_grad()  # the naive reference: one backward pass per example, on its K views
+        loss = R.classify_loss(model, views[i:i + 1], labels[i:i + 1])[0]
+        loss.backward()
+        assert torch.allclose(losses[i], loss)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(grads[k][i], p.grad, rtol=1e-9, atol=1e-12, msg=k)
+        # ... which is the mean of the K single-view gradients: averaged BEFORE clipping, one example's gradient
+        mean = None
+        for j in range(3):
+            model.zero_grad()
+            R.classify_loss(model, views[i:i + 1, j:j + 1], labels[i:i + 1])[0].backward()
+            g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) / 3
+            mean = g if mean is None else mean + g
+        torch.testing.assert_close(flat({k: v[i] for k, v in grads.items()}), mean, rtol=1e-9, atol=1e-12)
+
+
+def test_group_norm_keeps_examples_apart():
+    """An example's output does not depend on the rest of the batch (BatchNorm's would)."""
+    model = tiny_model()
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(model(x)[:2], model(x[:2]))
+
+
+def test_augment_gives_k_views_and_grey_becomes_rgb():
+    imgs = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    views = R.augment(imgs, torch.Generator().manual_seed(0), 4, flip=False)
+    assert views.shape == (3, 4, 3, 16, 16) and views.min() >= -1 and views.max() <= 1
+    assert not torch.equal(views[0, 0], views[0, 1]) or not torch.equal(views[0, 1], views[0, 2])  # views differ
+
+
+@pytest.mark.parametrize("phase", ["linear_probe", "fine_tune"])
+def test_phase_switch(phase):
+    """Phase II moves the head only (body bit-identical after a step, even with noise); phase III moves all."""
+    model = tiny_model(torch.float32)
+    params, buffers = functional(model)
+    before = {k: v.clone() for k, v in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=0.5, momentum=0.9)
+    views, labels = torch.randn(6, 2, 3, 16, 16), torch.randint(0, 4, (6,))
+    trainable, frozen = R.trainable_split(params, buffers, phase)
+    noisy, _ = R.dp_step(R.make_per_example_grads(model, R.classify_loss), trainable, frozen,
+                         [(torch.arange(6), torch.ones(6, dtype=torch.bool))], lambda i: (views[i], labels[i]),
+                         clip=1.0, sigma=1.0, expected_batch=6, noise_gen=torch.Generator().manual_seed(0))
+    for k, p in params.items():  # as main() does
+        p.grad = noisy[k].to(p.dtype) if k in noisy else None
+    opt.step()
+    for k, p in model.named_parameters():  # the model's own parameters share storage with `params`
+        moved = not torch.equal(p.detach(), before[k])
+        assert moved == (phase == "fine_tune" or k.startswith("head.")), k
+    assert set(noisy) == ({"head.weight", "head.bias"} if phase == "linear_probe" else set(params))
+
+
+TINY = ["--width", "0.25", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
+        "--aug-mult", "2", "--prior-steps", "3", "--prior-batch", "8", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("randp")
+    r = run_script("randp.py", "--eps", "4", "--steps", "4", "--lp-steps", "2", "--out", "run", *TINY, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, r
+
+
+def test_smoke_run_writes_a_true_claim(smoke):
+    cwd, r = smoke
+    s = json.loads((cwd / "run" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["n"] == 300 and s["delta"] == pytest.approx(1 / 600)
+    assert s["q"] == pytest.approx(40 / 300)
+    assert [(p["phase"], p["steps"]) for p in s["phases"]] == [("linear_probe", 2), ("fine_tune", 2)]
+    # the claim: one accountant composed over the logged phases, never above the target
+    composed = accountant.RDPAccountant()
+    for p in s["phases"]:
+        composed.step(q=p["q"], sigma=p["sigma"], steps=p["steps"])
+    assert s["eps"] == pytest.approx(composed.epsilon(s["delta"]))
+    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=4, delta=s["delta"]))
+    assert s["eps"] <= 4.0
+    assert 0 <= s["test_accuracy"] <= 1 and s["test_data"] == "shapes-test"
+    lines = [json.loads(l) for l in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], l["phase"]) for l in lines] == [(2, "linear_probe"), (4, "fine_tune")]
+    assert lines[0]["eps"] < lines[1]["eps"] == pytest.approx(s["eps"])
+    ck = torch.load(cwd / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["phase"] == "fine_tune" and set(ck["ema"]) == set(dict(R.WRN(0.25, 10).named_parameters()))
+    assert (cwd / "run" / "priors.png").stat().st_size > 0
+    assert len(list((cwd / "runs" / "cache").glob("randp_prior_*.pt"))) == 1
+    assert "eps=" in r.stdout
+
+
+def test_prior_is_cached_and_no_prior_is_phase_three_only(smoke):
+    cwd, _ = smoke
+    r = run_script("randp.py", "--eps", "4", "--steps", "2", "--lp-steps", "1", "--out", "run2", *TINY, cwd=cwd)
+    assert r.returncode == 0 and "phase I: loaded" in r.stdout, r.stderr[-3000:]
+    r = run_script("randp.py", "--eps", "4", "--steps", "2", "--no-prior", "--out", "base", *TINY, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((cwd / "base" / "summary.json").read_text())
+    assert not s["prior"] and [(p["phase"], p["steps"]) for p in s["phases"]] == [("linear_probe", 0), ("fine_tune", 2)]
+    assert not (cwd / "base" / "priors.png").exists()
+
+
+def test_resume_continues_step_phase_and_epsilon(smoke, tmp_path):
+    cwd, _ = smoke
+    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    shutil.copytree(cwd / "runs", tmp_path / "runs")  # the phase I cache
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["accountant"]
+    ck["args"]["steps"] = 6
+    eps4 = accountant.RDPAccountant()
+    eps4.load_state_dict(ck["accountant"])
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_script("randp.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step 4" in r.stdout
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 6
+    eps4.step(q=s["q"], sigma=s["sigma"], steps=2)  # 4 steps at the old sigma + 2 more, not 2 from scratch
+    assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], l["phase"]) for l in lines] == [(2, "linear_probe"), (4, "fine_tune"), (6, "fine_tune")]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--eps", "0"], "eps"),
+    (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
+    (["--batch-size", "301"], "batch"),
+    (["--lp-steps", "2"], "--lp-steps"),  # not fewer than --steps 2
+    (["--aug-mult", "0"], "aug-mult"),
+    (["--data", "/no/such/path"], "/no/such/path"),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
+    r = run_script("randp.py", *TINY, "--steps", "2", "--lp-steps", "1", *flags, "--out", "bad", cwd=tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error:") and words in last[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
