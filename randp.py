@@ -12,14 +12,17 @@ Processes" (NeurIPS 2023). The recipe, in the order this file follows it:
   run's total epsilon is --eps. The paper's DP tricks (De et al. 2022): augmentation multiplicity (each
   example's gradient is the mean over K augmented copies, taken before clipping) and an exponential moving
   average (EMA) of the weights, used for evaluation (post-processing: free).
-What is simplified: a narrow WRN-16-1 and short runs by default, so a 2-core CPU runs MNIST in minutes (the
-paper's WRN-16-4, batch 4096, 875 steps, K = 16 is the GPU command below); the paper's random-process sets are
-data.py's generators; the test split is read once, at the end, for the report.
+What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parameters) at 32x32, K = 1, a
+200-step prior and 200 private steps, so one run takes minutes on a 2-core CPU; the paper's WRN-16-4, batch 4096,
+875 steps, K = 16 is the last command below (a GPU). data.py's random-process generators stand in for the
+paper's StyleGAN-Oriented images. Grey sets (MNIST) are repeated to 3 channels (and resized to --size), so one
+prior serves every dataset. The test split is read once, at the end, for the report: nothing is chosen with it.
 
-  python randp.py --eps 3 --data ../shared/data/mnist --aug crop          # MNIST, 2-core CPU: see README
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop              # MNIST; see README for time, accuracy
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --no-prior   # the plain DP-SGD baseline
-  python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 \\
-      --aug-mult 16 --physical-batch 256 --prior-steps 20000 --prior-batch 512     # paper scale, GPU
+  python randp.py --eps 8 --data /tmp/cifar10                                 # CIFAR-10 (image folder or pickles)
+  python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 --aug-mult 16 \\
+      --physical-batch 64 --lr 4 --prior-steps 20000 --prior-batch 512                 # the paper's scale: a GPU
 """
 import argparse
 import json
@@ -50,27 +53,27 @@ def parse_args(argv=None):
     g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
-    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=512, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
-    g.add_argument("--steps", type=int, default=100, help="logical DP-SGD steps of phases II + III together")
-    g.add_argument("--lp-steps", type=int, default=20, help="phase II: steps of DP linear probing (head only); ignored with --no-prior")
-    g.add_argument("--aug-mult", type=int, default=2, help="K: augmented copies per example, averaged before clipping")
+    g.add_argument("--steps", type=int, default=200, help="logical DP-SGD steps of phases II + III together")
+    g.add_argument("--lp-steps", type=int, default=40, help="phase II: steps of DP linear probing (head only); ignored with --no-prior")
+    g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
     g.add_argument("--size", type=int, default=32, help="image side H = W (grey sets are repeated to 3 channels)")
     g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip", help="private augmentation: reflect-pad-4 crop, and a horizontal flip (not for digits)")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=float, default=1, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 1 = CPU default, 0.25 = tests")
+    g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 0.5 = CPU default, 0.25 = tests")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2.0, help="peak SGD learning rate of phase III (fine-tuning)")
+    g.add_argument("--lr", type=float, default=1.0, help="peak SGD learning rate of phase III (fine-tuning)")
     g.add_argument("--lp-lr", type=float, default=4.0, help="peak SGD learning rate of phase II (linear probe)")
     g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (De et al. use none)")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights evaluated (ramped up over the first steps)")
     g = p.add_argument_group("phase I: prior from random processes (public, no privacy cost)")
     g.add_argument("--no-prior", action="store_true", help="random init and phase III only: plain DP-SGD, the baseline")
-    g.add_argument("--prior-steps", type=int, default=300, help="alignment + uniformity steps on random-process images")
+    g.add_argument("--prior-steps", type=int, default=200, help="alignment + uniformity steps on random-process images")
     g.add_argument("--prior-batch", type=int, default=128, help="random-process images per step (two views each)")
     g.add_argument("--prior-lr", type=float, default=0.1, help="peak SGD learning rate of phase I")
     g = p.add_argument_group("run")

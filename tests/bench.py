@@ -238,7 +238,51 @@ def bench_clip():
     dp_vs_nonprivate(dp, plain, B, device=device)
 
 
-SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae, "clip": bench_clip}
+
+# --- randp.py -------------------------------------------------------------------------------------------------------
+
+def bench_randp():
+    """The default model (WRN-16-k at `--width`), image size, physical batch and K (`--aug-mult`) of
+    `python randp.py`: a phase III (fine-tuning) DP step and a phase II (linear probe: head only) DP step, each
+    against one ordinary backward pass over the same P x K views."""
+    import torch
+
+    import randp as M
+
+    args = M.parse_args([])[1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = M.WRN(args.width, 10).to(device)
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would make the body's gradients trivially zero
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    B, K = args.physical_batch, args.aug_mult
+    views = torch.rand(B, K, 3, args.size, args.size, device=device) * 2 - 1  # (B, K, C, H, W)
+    labels = torch.randint(0, 10, (B,), device=device)
+    per_example_grads = M.make_per_example_grads(model, M.classify_loss)
+    micro = [(torch.arange(B), torch.ones(B, dtype=torch.bool))]
+    gen = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def dp(phase):
+        trainable, frozen = M.trainable_split(params, buffers, phase)
+        with autocast:
+            M.dp_step(per_example_grads, trainable, frozen, micro, lambda idx: (views, labels), clip=1.0, sigma=1.0,
+                      expected_batch=B, noise_gen=gen)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = M.classify_loss(model, views, labels).mean()
+        loss.backward()
+
+    print(f"  WRN-16-{args.width:g}: {sum(p.numel() for p in params.values()) / 1e6:.3f}M parameters, "
+          f"{args.size}x{args.size}, K = {K} views per example")
+    for phase in ("fine_tune", "linear_probe"):
+        print(f"  phase {'III (fine-tune, all parameters)' if phase == 'fine_tune' else 'II (linear probe, head only)'}:")
+        dp_vs_nonprivate(lambda: dp(phase), plain, B, device=device)
+
+SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae, "clip": bench_clip, "randp": bench_randp}
 
 
 def main(argv=None):
