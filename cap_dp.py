@@ -21,7 +21,7 @@ ViT-B/16 at 224x224 is `--model base`); the paper's DataComp image-text pairs be
 
   python cap_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
   python cap_dp.py --eps 8 --tan-batch 256                      # TAN: a cheap run with the noise of B=1024
-  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt --model small --patch 4   # from ViP
+  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt --model vip   # encoder from ViP
 """
 import argparse
 import json
@@ -54,21 +54,21 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
-    g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
     g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
-    g.add_argument("--max-len", type=int, default=48, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
+    g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; base: the paper's ViT-B/16 encoder")
-    g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
+    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 small, 4 vip, 16 base)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate of the private stage")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
     g.add_argument("--init", default="none", help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
@@ -84,7 +84,8 @@ def parse_args(argv=None):
 
 SIZES = {  # D width, depth, heads of the image encoder (as in mae_dp.py, so --init lines up); text decoder
     "tiny": dict(dim=32, depth=1, heads=2, dec_dim=32, dec_depth=1, dec_heads=2),
-    "small": dict(dim=128, depth=4, heads=4, dec_dim=128, dec_depth=2, dec_heads=4),
+    "small": dict(dim=96, depth=3, heads=4, dec_dim=96, dec_depth=2, dec_heads=4),  # patch 8: 2-core CPU default
+    "vip": dict(dim=128, depth=4, heads=4, dec_dim=96, dec_depth=2, dec_heads=4),  # mae_dp.py's small: --init from it
     "base": dict(dim=768, depth=12, heads=12, dec_dim=768, dec_depth=6, dec_heads=12),
 }
 
@@ -342,12 +343,11 @@ def linear_probe(encoder, train, test, device, steps=200):
 
 def class_prompts(ds):
     """Prompts per class, written like the training captions. For shapes they follow data.py's caption grammar
-    ("a red circle ...", "a large red circle ..."), built from the generator's public word lists, not from any
-    private caption; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
+    ("a red circle ..."), built from the generator's public word lists, not from any private caption;
+    "a large red circle" variants would add cost, not information: every class's prompt would share that word; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
     if ds.name.startswith("shapes"):
         article = lambda w: ("an " if w[0] in "aeiou" else "a ") + w
-        return [[article(f"{c} {label}") for c in data.COLOUR_NAMES] + [f"a large {c} {label}" for c in data.COLOUR_NAMES]
-                for label in ds.classes]
+        return [[article(f"{c} {label}") for c in data.COLOUR_NAMES] for label in ds.classes]
     return [[f"a photo of a {label}", f"a {label}", f"an image of a {label}"] for label in ds.classes]
 
 
@@ -433,7 +433,7 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
-    args.patch = args.patch or (4 if args.model == "small" else 16)
+    args.patch = args.patch or {"small": 8, "vip": 4}.get(args.model, 16)
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)

@@ -197,6 +197,46 @@ def bench_mae():
     dp_vs_nonprivate(dp, plain, B, device=device)
 
 
+# --- cap_dp.py ------------------------------------------------------------------------------------------------------
+
+def bench_cap():
+    """The default captioner (`--model small`, 32x32, patch 8, captions of --max-len tokens) and physical batch (64)
+    of `python cap_dp.py`."""
+    import torch
+
+    import cap_dp as M
+    import data
+
+    args = M.parse_args([])[1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = M.Captioner(args.size, 8, 3, **M.SIZES[args.model], max_len=args.max_len).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    B = args.physical_batch
+    x = torch.rand(B, 3, args.size, args.size, device=device) * 2 - 1
+    caps = data.load_dataset("shapes", n=B).captions  # real caption lengths: padding is part of the cost
+    tokens = data.ByteTokenizer().encode(caps, args.max_len).to(device)
+    per_example_grads = M.make_per_example_grads(model, M.caption_loss)
+    micro = [(torch.arange(B), torch.ones(B, dtype=torch.bool))]
+    gen = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def dp():
+        with autocast:
+            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, tokens), clip=1.0, sigma=1.0,
+                      expected_batch=B, noise_gen=gen)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = M.caption_loss(model, x, tokens).mean()
+        loss.backward()
+
+    print(f"  model '{args.model}': {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters")
+    dp_vs_nonprivate(dp, plain, B, device=device)
+
+
 # --- clip_dp.py -----------------------------------------------------------------------------------------------------
 
 def bench_clip():
@@ -282,7 +322,7 @@ def bench_randp():
         print(f"  phase {'III (fine-tune, all parameters)' if phase == 'fine_tune' else 'II (linear probe, head only)'}:")
         dp_vs_nonprivate(lambda: dp(phase), plain, B, device=device)
 
-SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae, "clip": bench_clip, "randp": bench_randp}
+SECTIONS = {"accountant": bench_accountant, "data": bench_data, "mae": bench_mae, "cap": bench_cap, "clip": bench_clip, "randp": bench_randp}
 
 
 def main(argv=None):
