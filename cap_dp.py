@@ -308,37 +308,8 @@ def lr_at(step, total, peak, warmup):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation (NOT private: it reads labels of the probe set; the private model is already fixed)
-
-
-@torch.no_grad()
-def features(encoder, ds, device, batch=256):
-    out = []
-    for i in range(0, len(ds), batch):
-        x = data.normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
-        out.append(encoder.features(x).float().cpu())
-    return torch.cat(out)  # (N, D)
-
-
-def linear_probe(encoder, train, test, device, steps=200):
-    """Logistic regression on frozen features (the paper's linear-probe protocol, here full-batch L-BFGS).
-    Features are standardised with the probe *training* set's statistics (downstream data, not the private set)."""
-    encoder.eval()
-    ftr, fte = features(encoder, train, device), features(encoder, test, device)
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    head = nn.Linear(ftr.shape[1], len(train.classes))
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return (head(fte).argmax(1) == test.labels).float().mean().item()
+# Evaluation (NOT private: it reads labels of the probe set; the private model is already fixed).
+# The linear probe is data.linear_probe, shared by every script; here, zero-shot classification and captions.
 
 
 def class_prompts(ds):
@@ -537,12 +508,12 @@ def main(argv=None):
     probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     if probe_train.labels is None:
         raise ValueError(f"--probe-data {args.probe_data} has no labels")
-    encoder = build_model(args, private.channels).encoder.to(device)
+    encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
     states = [("random_init", random_init)] + ([("init", init_state)] if args.init != "none" else [])
     for name, state in states + [("dp_cap", model.encoder.state_dict())]:
         encoder.load_state_dict(state)
-        acc[name] = linear_probe(encoder, probe_train, probe_test, device)
+        acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
     zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n)
     shown = probe_test.images(torch.arange(8))
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
