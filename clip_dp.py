@@ -40,7 +40,7 @@ mae_dp.py run (public ViP-Syn or private ViP; the latter spends that run's budge
 
   python clip_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
   python clip_dp.py --eps 8 --micro-batch 32                     # fewer, larger micro-batches: more negatives
-  python clip_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt   # image encoder from a mae_dp.py run
+  python clip_dp.py --eps 8 --model small --init runs/mae_dp_eps8_s0/checkpoint.pt   # encoder of a mae_dp.py run
 """
 import argparse
 import json
@@ -71,10 +71,10 @@ def parse_args(argv=None):
     g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
-    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=2048, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--micro-batch", type=int, default=8, help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
     g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
-    g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
@@ -85,8 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--retrieval-data", default="shapes", help="captioned set whose test split is used for (non-private) retrieval")
     g.add_argument("--retrieval-n", type=int, default=1000, help="held-out pairs to retrieve among")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default (image encoder = mae_dp.py's small); base: ViT-B/16 image, CLIP's 512-d text encoder")
-    g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
+    g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: CPU default; small, base: image encoder = mae_dp.py's (so its --init fits), base is ViT-B/16")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs, 4 small, 16 base)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
@@ -103,8 +103,9 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-SIZES = {  # image encoder D width, depth, heads (mae_dp.py's, so --init fits); text encoder; E shared embedding
+SIZES = {  # image encoder D width, depth, heads; text encoder width, depth, heads; E the shared embedding
     "tiny": dict(dim=32, depth=1, heads=2, text_dim=32, text_depth=1, text_heads=2, embed_dim=32),
+    "xs": dict(dim=64, depth=2, heads=4, text_dim=64, text_depth=1, text_heads=4, embed_dim=64),
     "small": dict(dim=128, depth=4, heads=4, text_dim=128, text_depth=2, text_heads=4, embed_dim=128),
     "base": dict(dim=768, depth=12, heads=12, text_dim=512, text_depth=12, text_heads=8, embed_dim=512),
 }
@@ -193,7 +194,6 @@ class ViTEncoder(nn.Module):
     def features(self, imgs):
         """Frozen features for the linear probe: the mean of the output patch tokens, (B, D)."""
         return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
-
 
 
 class TextEncoder(nn.Module):
@@ -434,7 +434,7 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
-    args.patch = args.patch or (4 if args.model == "small" else 16)
+    args.patch = args.patch or {"xs": 8, "small": 4}.get(args.model, 16)
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)

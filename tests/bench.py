@@ -240,7 +240,7 @@ def bench_cap():
 # --- clip_dp.py -----------------------------------------------------------------------------------------------------
 
 def bench_clip():
-    """The default model (`--model small`), micro-batch (m = 8) and physical batch (128 pairs) of `python clip_dp.py`:
+    """The default model (`--model xs`), micro-batch (m = 8) and physical batch (128 pairs) of `python clip_dp.py`:
     one vmap call over 16 full micro-batches, against one backward pass of the same 16 micro-batch losses."""
     import torch
 
@@ -249,7 +249,8 @@ def bench_clip():
     args = M.parse_args([])[1]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = M.CLIP(args.size, 4, 3, args.text_len, **M.SIZES[args.model]).to(device)
+    patch = {"xs": 8, "small": 4}.get(args.model, 16)  # clip_dp.main's default for the model
+    model = M.CLIP(args.size, patch, 3, args.text_len, **M.SIZES[args.model]).to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     B, m = args.physical_batch, args.micro_batch
