@@ -218,13 +218,25 @@ def test_resume_continues_step_and_epsilon(smoke, tmp_path):
     assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--micro-batch", "1"], "--micro-batch"),
-    (["--eps", "0"], "eps"),
+@pytest.mark.parametrize("flags, words", [  # in process: main() raises the one-line error the handler prints
+    (["--micro-batch", "0"], "--micro-batch"),
+    (["--eps", "-1"], "eps"),
     (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
     (["--batch-size", "301"], "batch"),
+    (["--text-len", "1"], "--text-len"),
+])
+def test_bad_flags_raise_one_line_errors(tmp_path, monkeypatch, flags, words):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, data.DataError), match=words) as e:
+        M.main([*TINY, "--steps", "2", *flags, "--out", "bad"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, words", [  # as a user sees them: the script's handler, one line, exit code 2
+    (["--micro-batch", "1"], "--micro-batch"),
+    (["--eps", "0"], "eps"),
     (["--data", "/no/such/path"], "/no/such/path"),
-    (["--init", "/no/such/ckpt.pt"], "--init"),
+    (["--init", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("clip_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
