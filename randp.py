@@ -13,7 +13,7 @@ Processes" (NeurIPS 2023). The recipe, in the order this file follows it:
   example's gradient is the mean over K augmented copies, taken before clipping) and an exponential moving
   average (EMA) of the weights, used for evaluation (post-processing: free).
 What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parameters) at 32x32, K = 1, a
-200-step prior and 200 private steps, so one run takes minutes on a 2-core CPU; the paper's WRN-16-4, batch 4096,
+200-step prior and 200 private steps (80 of them linear probe), so one run takes minutes on a 2-core CPU; the paper's WRN-16-4, batch 4096,
 875 steps, K = 16 is the last command below (a GPU). data.py's random-process generators stand in for the
 paper's StyleGAN-Oriented images. Grey sets (MNIST) are repeated to 3 channels (and resized to --size), so one
 prior serves every dataset. The test split is read once, at the end, for the report: nothing is chosen with it.
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=512, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
     g.add_argument("--steps", type=int, default=200, help="logical DP-SGD steps of phases II + III together")
-    g.add_argument("--lp-steps", type=int, default=40, help="phase II: steps of DP linear probing (head only); ignored with --no-prior")
+    g.add_argument("--lp-steps", type=int, default=80, help="phase II: steps of DP linear probing (head only); ignored with --no-prior")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
@@ -66,8 +66,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 0.5 = CPU default, 0.25 = tests")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1.0, help="peak SGD learning rate of phase III (fine-tuning)")
-    g.add_argument("--lp-lr", type=float, default=4.0, help="peak SGD learning rate of phase II (linear probe)")
+    g.add_argument("--lr", type=float, default=0.5, help="peak SGD learning rate of phase III (fine-tuning)")
+    g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD learning rate of phase II (linear probe, on standardised features)")
     g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (De et al. use none)")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights evaluated (ramped up over the first steps)")
@@ -122,12 +122,17 @@ class WRN(nn.Module):
                                       for i in range(3) for j in range(2)))
         self.norm = norm(w[3])
         self.dim = w[3]
+        # feature standardisation (D,), fixed: set from PUBLIC random-process images after phase I (free), so the
+        # head starts on well-conditioned inputs; left at 0 / 1 for the random-init baseline
+        self.register_buffer("feat_mean", torch.zeros(w[3]))
+        self.register_buffer("feat_std", torch.ones(w[3]))
         self.head = nn.Linear(w[3], classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def features(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, D)
-        return F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
+        f = F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
+        return (f - self.feat_mean) / self.feat_std
 
     def forward(self, x):  # -> logits (B, classes)
         return self.head(self.features(x))
@@ -323,13 +328,18 @@ def main(argv=None):
             print(f"phase I: loaded {cache}")
         else:
             train_prior(model, args, device, autocast)
-            body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+            body = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "feat_"))}
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(body, str(cache) + ".tmp")
             os.replace(str(cache) + ".tmp", cache)
         model.load_state_dict(body, strict=False)  # the body only: the head is new, zero, for this task's classes
-        gen = torch.Generator().manual_seed(10_000 + args.seed)
-        data.save_grid(data.random_process_images(32, args.size, generator=gen), out / "priors.png", scale=2)
+        gen = torch.Generator().manual_seed(20_000 + args.seed)
+        public = data.random_process_images(2048, args.size, generator=gen)
+        with torch.no_grad():  # statistics of public images only: no privacy cost
+            f = torch.cat([model.features(data.normalize(x).to(device)).float() for x in public.split(256)])
+        model.feat_mean.copy_(f.mean(0))
+        model.feat_std.copy_(f.std(0) + 1e-3)
+        data.save_grid(public[:32], out / "priors.png", scale=2)
     t_prior = time.time() - t_prior
 
     # --- phases II and III: DP-SGD on the private images, one accountant for both ---
