@@ -58,7 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")

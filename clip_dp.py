@@ -77,7 +77,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
