@@ -285,8 +285,8 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
     for idx, mask in micro_batches:
         batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
         grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
-        # ||g_i|| over all parameters together
-        norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(1) for g in grads.values()))  # (P,)
+        # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads.values()]).norm(dim=0)  # (P,)
         # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
         factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
         for k, g in grads.items():
