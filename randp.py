@@ -60,7 +60,7 @@ def parse_args(argv=None):
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", type=int, default=None, help="use the first n private examples (default: all; shapes: 20000)")
+    g.add_argument("--n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000)")
     g.add_argument("--size", type=int, default=32, help="image side H = W (grey sets are repeated to 3 channels)")
     g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip", help="private augmentation: reflect-pad-4 crop, and a horizontal flip (not for digits)")
     g = p.add_argument_group("model")
