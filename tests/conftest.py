@@ -17,3 +17,10 @@ def run_script(script, *args, cwd, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error_line(r, words):
+    """Bad input as a user sees it (DP rule 6): exit code 2, one `error:` line naming the problem, no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr[-2000:]
