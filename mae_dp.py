@@ -64,7 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("stage 1: ViP-Syn (public synthetic data, no privacy cost)")
     g.add_argument("--init", default="syn", help="'syn' (MAE on synthetic images, cached), 'none' (random init), or a checkpoint path")
-    g.add_argument("--syn-steps", type=int, default=1500, help="non-private MAE steps on synthetic images")
+    g.add_argument("--syn-steps", type=int, default=1000, help="non-private MAE steps on synthetic images")
     g.add_argument("--syn-batch", type=int, default=128, help="batch size of stage 1")
     g.add_argument("--syn-lr", type=float, default=2e-3, help="peak learning rate of stage 1")
     g = p.add_argument_group("run")
