@@ -424,6 +424,8 @@ def main(argv=None):
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2 (BOS and EOS), got {args.max_len}")
+    if args.physical_batch < 1:  # checked before any training, not after stage 1
+        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
     print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "

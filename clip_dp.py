@@ -456,6 +456,8 @@ def main(argv=None):
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    if args.physical_batch < 1:  # checked before any training, not after stage 1
+        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone

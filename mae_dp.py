@@ -356,6 +356,8 @@ def main(argv=None):
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    if args.physical_batch < 1:  # checked before any training, not after stage 1
+        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
     print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "

@@ -311,6 +311,8 @@ def main(argv=None):
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
+    if args.physical_batch < 1:  # checked before any training, not after stage 1
+        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
     print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
