@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["DEFAULT_ORDERS", "rdp_subsampled_gaussian", "epsilon_from_rdp", "epsilon", "calibrate_sigma",
-           "RDPAccountant", "dp_sgd_plan"]
+           "RDPAccountant", "dp_sgd_plan", "audit_p_value", "audit_epsilon_lower_bound", "CanaryAudit"]
 
 # Orders alpha at which RDP is tracked. A superset of the usual coarse grid (1.1, 1.2, ..., 10.9, 12, ..., 63), so
 # the minimum over it is never looser than that grid's; steps of 0.05 up to 11 and 0.01 near 1 (large eps, few
@@ -484,6 +484,126 @@ class RDPAccountant:
         for q, sigma, steps in history:
             _check_q(q), _check_sigma(sigma), _check_steps(steps)
         self.orders, self.history, self._rdp_cache = _check_orders(orders), history, {}
+
+
+# --- checking the claim: a one-run privacy audit (Steinke, Nasr & Jagielski, NeurIPS 2023) ---------------------
+# m canaries each join the training data with an independent fair coin S_i. After training, an auditor who sees
+# the run's outputs guesses S_i for r of them (abstaining on the rest); v guesses are right. If the run is
+# (eps, delta)-DP, v cannot be much larger than for randomised response: P[v' >= v] <= p-value below
+# (their Sec. 5 and the algorithm of their Appendix D). A small p-value rejects "the run is (eps, delta)-DP";
+# the largest eps so rejected at the stated confidence is an empirical LOWER bound on the true eps. It can only
+# catch a claim that is wrong, never prove one right, and it is capped: with r guesses all right it cannot exceed
+# about log(r / log(1 / (1 - confidence))), and the delta term 2 m delta limits how many canaries help.
+
+def _log_binom_pmf(k, n, p):
+    """log P[Binomial(n, p) = k] for an array of k (0 <= k <= n, 0 < p < 1)."""
+    k = np.asarray(k, dtype=np.float64)
+    lgam = np.vectorize(math.lgamma)
+    return lgam(n + 1.0) - lgam(k + 1) - lgam(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+
+
+def audit_p_value(*, m, guesses, correct, eps, delta):
+    """P-value of "the run is (eps, delta)-DP" after `correct` right guesses out of `guesses`, m canaries.
+
+    p = beta + 2 m delta alpha, with p_eps = e^eps / (1 + e^eps) (the accuracy of eps-DP randomised response),
+    beta = P[Bin(r, p_eps) >= v] and alpha = max_{1 <= i <= v} P[v - i <= Bin(r, p_eps) < v] / i."""
+    m, r, v = int(m), int(guesses), int(correct)
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"audit: need 0 <= correct <= guesses <= m, got {v}, {r}, {m}")
+    if not eps >= 0:
+        raise ValueError(f"audit: eps must be >= 0, got {eps}")
+    if not 0 <= delta <= 1:
+        raise ValueError(f"audit: delta must be in [0, 1], got {delta}")
+    if v == 0:
+        return 1.0
+    p_eps = 1.0 / (1.0 + math.exp(-eps))
+    if p_eps >= 1.0:  # eps so large that randomised response is always right
+        return 1.0
+    log_pmf = _log_binom_pmf(np.arange(r + 1), r, p_eps)  # k = 0 .. r
+    pmf = np.exp(log_pmf - log_pmf.max()) * math.exp(log_pmf.max())
+    beta = float(np.exp(np.logaddexp.reduce(log_pmf[v:])))  # P[Bin >= v]
+    below = np.cumsum(pmf[:v][::-1])  # below[i - 1] = P[v - i <= Bin < v], i = 1 .. v
+    alpha = float((below / np.arange(1, v + 1)).max())
+    return min(1.0, beta + alpha * delta * 2 * m)
+
+
+def audit_epsilon_lower_bound(*, m, guesses, correct, delta, confidence=0.95):
+    """The largest eps that `correct` right guesses out of `guesses` (m canaries) reject at `confidence`:
+    the run is NOT (eps', delta)-DP for any eps' below it, with probability >= confidence. 0 if none."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"audit: confidence must be in (0, 1), got {confidence}")
+    level = 1 - confidence
+    p = lambda e: audit_p_value(m=m, guesses=guesses, correct=correct, eps=e, delta=delta)
+    if p(0.0) >= level:
+        return 0.0
+    lo, hi = 0.0, 1.0  # p(lo) < level <= p(hi); the p-value grows with eps
+    while p(hi) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p(mid) < level else (lo, mid)
+    return lo
+
+
+class CanaryAudit:
+    """White-box one-run audit of a DP-SGD run with gradient canaries (the white-box setting of Steinke et al. 2023).
+
+    Canary i is an example whose gradient is a fixed vector of norm `strength` x C (larger than C, so it is
+    clipped like any real gradient) along its own coordinate, one that no real example's gradient touches.
+    Each canary joins the data with a fair coin; included canaries are Poisson-sampled at every step with the
+    run's q, clipped, summed and noised by the script's own dp_step, together with the real examples. The
+    auditor sees the privatised gradients (what DP-SGD releases), scores canary i by the sum over steps of
+    coordinate i, guesses "in" for the highest scores and abstains on the rest (a rule fixed before the
+    run that never looks at the coins; see result), and audit_epsilon_lower_bound turns the count of right
+    guesses into a lower bound on eps. Everything random is a function of (seed, step), so a resumed run draws
+    the same canaries; the scores travel in the checkpoint (state_dict)."""
+
+    def __init__(self, m, *, seed, strength=10.0, guess_fractions=(0.02, 0.1, 0.4)):
+        if int(m) != m or m < 1:
+            raise ValueError(f"--audit needs a number of canaries >= 1, got {m}")
+        self.m, self.seed, self.strength, self.guess_fractions = int(m), int(seed), float(strength), tuple(guess_fractions)
+        self.included = np.random.default_rng([self.seed, 0]).random(self.m) < 0.5  # S_i
+        self.scores = np.zeros(self.m)
+
+    @property
+    def n_included(self):
+        return int(self.included.sum())
+
+    def gradients(self, step, q, clip):
+        """(m,) canary gradients of this step before clipping: strength x C where canary i is in the data AND
+        Poisson-sampled at this step (probability q, independently), 0 elsewhere."""
+        sampled = self.included & (np.random.default_rng([self.seed, 1, int(step)]).random(self.m) < q)
+        return sampled * (self.strength * clip)
+
+    def observe(self, released):
+        """released: (m,) the privatised gradient's canary coordinates at one step."""
+        self.scores += np.asarray(released, dtype=np.float64).reshape(self.m)
+
+    def result(self, *, delta, claimed_eps, confidence=0.95):
+        """The audit's verdict. The auditor makes three guess sets fixed in advance (the top 2%, 10% and 40% of
+        scores guessed "in": few confident guesses suit a noisy run, many suit a broken one) and keeps the best
+        bound; each is computed at confidence 1 - (1 - confidence) / 3, so the best of the three still holds at
+        `confidence` (a union bound)."""
+        order = np.argsort(-self.scores, kind="stable")  # highest score first
+        level = 1 - (1 - confidence) / len(self.guess_fractions)
+        tries = []
+        for f in self.guess_fractions:
+            r = max(1, int(round(f * self.m)))
+            v = int(self.included[order[:r]].sum())
+            tries.append({"guesses": r, "correct": v, "eps_lower_bound": audit_epsilon_lower_bound(
+                m=self.m, guesses=r, correct=v, delta=delta, confidence=level)})
+        best = max(tries, key=lambda t: t["eps_lower_bound"])
+        return {"canaries": self.m, "included": self.n_included, "confidence": confidence, "delta": delta,
+                "eps_lower_bound": best["eps_lower_bound"], "claimed_eps": claimed_eps,
+                "violation": best["eps_lower_bound"] > claimed_eps, "guess_sets": tries}
+
+    def state_dict(self):
+        return {"m": self.m, "seed": self.seed, "scores": [float(s) for s in self.scores]}
+
+    def load_state_dict(self, state):
+        if state["m"] != self.m or state["seed"] != self.seed:
+            raise ValueError("audit state does not match --audit/--seed of this run")
+        self.scores = np.asarray(state["scores"], dtype=np.float64)
 
 
 # --- argument checks: one-line ValueErrors ----------------------------------------------------------------------

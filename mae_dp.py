@@ -33,7 +33,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import RDPAccountant, dp_sgd_plan
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -69,6 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--syn-lr", type=float, default=2e-3, help="peak learning rate of stage 1")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
+                   "M gradient canaries (accountant.CanaryAudit; eps then covers N + the canaries that joined)")
+    g.add_argument("--debug-no-noise", action="store_true", help=argparse.SUPPRESS)  # breaks privacy: tests only
     g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     g.add_argument("--name", default=None, help="run name (default mae_dp_eps<eps>_s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -244,9 +247,12 @@ def make_per_example_grads(model, loss_fn):
     return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
 
 
-def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen):
+def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen,
+            canaries=None):
     """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
-    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging)."""
+    Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
+    canaries: the audit's sampled canary gradients (m,), canary i along its own coordinate i (accountant.CanaryAudit);
+    they are clipped, summed and noised exactly like the examples and come back under the key "canaries"."""
     summed = {k: torch.zeros_like(v) for k, v in params.items()}
     loss_sum, count = 0.0, 0
     for idx, mask in micro_batches:
@@ -260,6 +266,8 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
             summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
         loss_sum += float((losses.float() * mask.to(losses.device)).sum())
         count += int(mask.sum())
+    if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
+        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0)
     # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
     # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
     noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
@@ -358,10 +366,16 @@ def main(argv=None):
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if args.physical_batch < 1:  # checked before any training, not after stage 1
         raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
-    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=len(private), batch_size=args.batch_size, steps=args.steps)
-    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], plan["n"]
-    print(f"private data: {private.name}, N={N} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
+    # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
+    audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
+    n_total = len(private) + (audit.n_included if audit else 0)
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+    if args.debug_no_noise:
+        print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
+              "(a deliberately broken run, for testing the audit)")
 
     # --- stage 1: ViP-Syn (public) or another initialisation ---
     model = build_model(args, private.channels).to(device)
@@ -397,6 +411,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         accountant.load_state_dict(ckpt["accountant"])
+        if audit:
+            audit.load_state_dict(ckpt["audit"])
         step = ckpt["step"]
         for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
             g.set_state(s)
@@ -409,7 +425,8 @@ def main(argv=None):
     def save_checkpoint():
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(),
-                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()])
+                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()],
+                    audit=audit.state_dict() if audit else None)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
@@ -420,9 +437,13 @@ def main(argv=None):
             model.train()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
                 noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
-                                      sigma=sigma, expected_batch=args.batch_size, noise_gen=noise_gen)
+                                      sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
+                                      noise_gen=noise_gen, canaries=canaries)
+            if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
+                audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
                 p.grad = noisy[k].to(p.dtype)
             opt.step()
@@ -439,6 +460,7 @@ def main(argv=None):
                 tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
                 save_checkpoint()
     eps_spent = accountant.epsilon(delta)
+    audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
     probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
@@ -451,12 +473,17 @@ def main(argv=None):
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
     save_reconstructions(model, probe_test, out / "recon.png", device, args.mask_ratio)
-    summary = dict(method="ViP (mae_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=N,
+    summary = dict(method="ViP (mae_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=args.batch_size, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, probe_accuracy_not_private=acc, wall_time_s=time.time() - t0,
                    device=str(device), args=vars(args))
+    summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    if audit_result:
+        print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
+              f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
+              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim"))
     print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt, recon.png in {time.time() - t0:.0f}s")
 

@@ -115,6 +115,28 @@ def test_noise_has_std_sigma_C_over_B():
     assert abs(z.mean().item()) < 5 * expected / n ** 0.5
 
 
+def test_canaries_go_through_the_same_clip_sum_and_noise():
+    """--audit: canary gradients (one coordinate each) are clipped to C, summed, noised sigma*C, divided by B,
+    like the examples' gradients; the model's own gradient is unchanged by them apart from its noise draw."""
+    model = tiny_model(torch.float32)
+    params, buffers = functional(model)
+    peg = M.make_per_example_grads(model, loss_fn)
+    xs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    micro = [(torch.arange(4), torch.ones(4, dtype=torch.bool))]
+    canaries = torch.zeros(3000)
+    canaries[::3] = 10.0  # 1000 sampled canaries of norm 10 C
+    kw = dict(clip=0.5, expected_batch=8.0)
+    g0, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=0.0,
+                      noise_gen=torch.Generator().manual_seed(0), **kw)
+    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=0.0,
+                     noise_gen=torch.Generator().manual_seed(0), canaries=canaries, **kw)
+    assert torch.allclose(g.pop("canaries"), (canaries > 0) * 0.5 / 8.0, atol=1e-6)  # clipped to C, then / B
+    assert all(torch.equal(g[k], g0[k]) for k in g0)
+    gn, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=2.0,
+                      noise_gen=torch.Generator().manual_seed(1), canaries=canaries, **kw)
+    z = gn["canaries"][1::3]  # the canaries not sampled: noise only
+    assert abs(z.std().item() / (2.0 * 0.5 / 8.0) - 1) < 5 / (2 * z.numel()) ** 0.5
+
 TINY = ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
         "--syn-steps", "3", "--syn-batch", "8", "--probe-n", "200", "--log-every", "2"]
 

@@ -1,0 +1,130 @@
+"""The one-run privacy audit (accountant.audit_*, accountant.CanaryAudit, --audit in every script).
+
+The statistic is checked against hand-computed cases and an exact rational-arithmetic re-derivation; the scripts
+are run at tiny size with the audit on: a run with the noise switched off (--debug-no-noise, a deliberately
+broken run) must be flagged, a run at the normal setting must not."""
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import accountant
+from accountant import CanaryAudit, audit_epsilon_lower_bound, audit_p_value
+from conftest import run_script
+
+
+# --- the statistic -----------------------------------------------------------------------------------------------
+
+def exact_p_value(m, r, v, eps, delta):
+    """Steinke et al.'s p-value in exact rational arithmetic (p_eps rounded once to a Fraction)."""
+    p = Fraction(1 / (1 + math.exp(-eps)))
+    pmf = [math.comb(r, k) * p ** k * (1 - p) ** (r - k) for k in range(r + 1)]
+    beta = sum(pmf[v:])
+    alpha = max(sum(pmf[v - i:v]) / i for i in range(1, v + 1))
+    return min(1.0, float(beta + alpha * Fraction(delta) * 2 * m))
+
+
+@pytest.mark.parametrize("m, r, v, eps, delta", [
+    (100, 30, 25, 1.3, 1e-3), (100, 30, 30, 2.0, 1e-4), (50, 50, 40, 0.5, 0.0), (1000, 40, 12, 0.0, 1e-5),
+    (200, 60, 55, 3.1, 1e-5),
+])
+def test_p_value_matches_exact_arithmetic(m, r, v, eps, delta):
+    assert audit_p_value(m=m, guesses=r, correct=v, eps=eps, delta=delta) == pytest.approx(
+        exact_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+
+
+def test_no_right_guess_gives_bound_zero():
+    assert audit_p_value(m=100, guesses=10, correct=0, eps=0.0, delta=1e-5) == 1.0
+    assert audit_epsilon_lower_bound(m=100, guesses=10, correct=0, delta=1e-5) == 0.0
+    # half right is what a coin does: no evidence against eps = 0 either
+    assert audit_epsilon_lower_bound(m=1000, guesses=200, correct=100, delta=1e-5) == 0.0
+
+
+def test_all_right_with_delta_zero_is_the_closed_form():
+    # P[Bin(r, p) >= r] = p^r = 0.05  ->  p = 0.05^(1/r), eps = log(p / (1 - p))
+    for r in (10, 100, 1000):
+        p = 0.05 ** (1 / r)
+        assert audit_epsilon_lower_bound(m=r, guesses=r, correct=r, delta=0.0) == pytest.approx(
+            math.log(p / (1 - p)), rel=1e-9)
+    assert audit_epsilon_lower_bound(m=10, guesses=10, correct=10, delta=0.0) == pytest.approx(1.0518732, rel=1e-6)
+
+
+def test_many_right_gives_a_large_bound_and_the_bound_is_tight():
+    b = audit_epsilon_lower_bound(m=10000, guesses=2000, correct=2000, delta=1e-6)
+    assert b > 5
+    level = 0.05
+    assert audit_p_value(m=10000, guesses=2000, correct=2000, eps=b, delta=1e-6) < level
+    assert audit_p_value(m=10000, guesses=2000, correct=2000, eps=b + 1e-6, delta=1e-6) >= level
+
+
+def test_bound_is_monotone():
+    bounds = [audit_epsilon_lower_bound(m=500, guesses=100, correct=v, delta=1e-5) for v in range(0, 101, 5)]
+    assert bounds == sorted(bounds) and bounds[0] == 0 and bounds[-1] > 3
+    # more canaries at the same guesses: the 2 m delta term grows, the bound cannot grow
+    by_m = [audit_epsilon_lower_bound(m=m, guesses=100, correct=100, delta=1e-4) for m in (100, 1000, 10000)]
+    assert by_m[0] >= by_m[1] >= by_m[2]
+    # higher confidence: a smaller bound
+    assert (audit_epsilon_lower_bound(m=500, guesses=100, correct=90, delta=1e-5, confidence=0.99)
+            < audit_epsilon_lower_bound(m=500, guesses=100, correct=90, delta=1e-5, confidence=0.9))
+
+
+@pytest.mark.parametrize("kw", [dict(guesses=10, correct=11), dict(guesses=200, correct=1), dict(correct=-1, guesses=5)])
+def test_bad_counts_raise(kw):
+    with pytest.raises(ValueError, match="audit"):
+        audit_p_value(m=100, eps=1.0, delta=1e-5, **kw)
+
+
+# --- the canaries ------------------------------------------------------------------------------------------------
+
+def test_canaries_join_with_fair_coins_and_are_sampled_at_q():
+    a = CanaryAudit(4000, seed=3)
+    assert abs(a.n_included - 2000) < 4 * math.sqrt(1000)
+    g = np.stack([a.gradients(t, 0.1, clip=2.0) for t in range(50)])  # (steps, m)
+    assert set(np.unique(g)) <= {0.0, 20.0}  # strength 10 x C: clipping has work to do
+    assert not g[:, ~a.included].any()  # a canary that did not join is never sampled
+    rate = (g[:, a.included] > 0).mean()
+    assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / g[:, a.included].size)
+    assert np.array_equal(a.gradients(7, 0.1, 2.0), CanaryAudit(4000, seed=3).gradients(7, 0.1, 2.0))  # resumable
+
+
+def test_separated_scores_are_flagged_and_noise_is_not():
+    a = CanaryAudit(2000, seed=0)
+    a.observe(a.included * 1.0)  # a perfect auditor: in-canaries score 1, the others 0
+    res = a.result(delta=1e-5, claimed_eps=1.0)
+    assert res["violation"] and res["eps_lower_bound"] > 3
+    b = CanaryAudit(2000, seed=0)
+    b.observe(np.random.default_rng(1).normal(size=2000))  # scores that ignore the coins
+    assert b.result(delta=1e-5, claimed_eps=1.0)["eps_lower_bound"] == 0.0
+    c = CanaryAudit(2000, seed=0)
+    c.load_state_dict(a.state_dict())
+    assert c.result(delta=1e-5, claimed_eps=1.0) == res
+    with pytest.raises(ValueError):
+        CanaryAudit(2000, seed=1).load_state_dict(a.state_dict())
+
+
+# --- the scripts: a broken run is flagged, a normal one is not ---------------------------------------------------
+
+def tiny(script):
+    import test_cap_dp, test_clip_dp, test_mae_dp, test_randp
+    return {"mae_dp.py": test_mae_dp.TINY, "cap_dp.py": test_cap_dp.TINY, "clip_dp.py": test_clip_dp.TINY,
+            "randp.py": test_randp.TINY}[script]
+
+
+@pytest.mark.parametrize("script, broken", [("mae_dp.py", False), ("mae_dp.py", True), ("randp.py", False),
+                                            ("randp.py", True), ("cap_dp.py", True), ("clip_dp.py", True)])
+def test_audit_flags_a_run_without_noise(tmp_path, script, broken):
+    flags = ["--eps", "1", "--delta", "1e-5", "--steps", "10", "--audit", "1000", "--out", "run"]
+    flags += ["--lp-steps", "5"] if script == "randp.py" else []
+    r = run_script(script, *tiny(script), *flags, *(["--debug-no-noise"] if broken else []), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    a = s["audit"]
+    assert a["canaries"] == 1000 and s["n"] == 300 + a["included"]  # eps covers the canaries that joined
+    assert s["eps"] <= 1.0 and a["claimed_eps"] == s["eps"]
+    assert a["violation"] is broken
+    if broken:
+        assert a["eps_lower_bound"] > 2.5 and "NOT private" in r.stdout and "VIOLATION" in r.stdout
+    else:
+        assert a["eps_lower_bound"] <= 1.0 and "consistent with the claim" in r.stdout
