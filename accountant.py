@@ -13,6 +13,9 @@ into (eps, delta)-DP by the improved conversion of
   Balle, Barthe, Gaboardi, Hsu & Sato, "Hypothesis Testing Interpretations and Renyi Differential Privacy"
   (AISTATS 2020), Theorem 21.
 
+The last section checks the claim from the other side: the one-run privacy audit of Steinke, Nasr & Jagielski
+(NeurIPS 2023), an empirical LOWER bound on eps from canaries (every script's --audit M).
+
 What is simplified: add/remove-one adjacency under Poisson sampling only (what data.poisson_batches does), and
 eps is minimised over a fixed grid of orders (DEFAULT_ORDERS), so it is an upper bound, never an estimate.
 

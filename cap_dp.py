@@ -20,6 +20,7 @@ ViT-B/16 at 224x224 is `--model base`); the paper's DataComp image-text pairs be
 "shapes" set (or `--data PATH`: COCO captions json, webdataset shards, TSV of path and caption).
 
   python cap_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python cap_dp.py --eps 8 --audit 5000                         # + a one-run privacy audit: eps lower bound (README)
   python cap_dp.py --eps 8 --tan-batch 256                      # TAN: a cheap run with the noise of B=1024
   python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt --model vip   # encoder from ViP
 """

@@ -39,6 +39,7 @@ pretrained CLIP models); the "shapes" set of synthetic captioned scenes stands i
 mae_dp.py run (public ViP-Syn or private ViP; the latter spends that run's budget too).
 
   python clip_dp.py --eps 8                                      # embedded data: ~6 min on a busy 2-core CPU, see README
+  python clip_dp.py --eps 8 --audit 5000                        # + a one-run privacy audit: eps lower bound (README)
   python clip_dp.py --eps 8 --micro-batch 32                     # fewer, larger micro-batches: more negatives
   python clip_dp.py --eps 8 --model small --init runs/mae_dp_eps8_s0/checkpoint.pt   # encoder of a mae_dp.py run
 """

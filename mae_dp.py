@@ -13,6 +13,7 @@ ViT-B/16 at 224x224 is `--model base`); the paper's 2-billion-image LAION set be
 (or `--data PATH`); the probe is full-batch logistic regression on pooled tokens.
 
   python mae_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python mae_dp.py --eps 8 --audit 5000                         # + a one-run privacy audit: eps lower bound (README)
   python mae_dp.py --eps 8 --out runs/vip --resume              # continue a run: same step, same epsilon so far
   python mae_dp.py --eps 8 --data /tmp/cifar10 --probe-data /tmp/cifar10   # CIFAR-10 image folder or pickles
 """
