@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
@@ -327,13 +328,31 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
             summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
         loss_sum += float((losses.float() * mask.to(losses.device)).sum())
         count += int(mask.sum())
+    # torchrun: summed covers this rank's shard of the one global Poisson sample. Rank 0 alone adds the noise and
+    # the canaries (one global set; the other ranks add zeros, so every rank reduces the same keys); the all-reduce
+    # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
+    # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
+    first = not dist.is_initialized() or dist.get_rank() == 0
     if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
-        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0)
+        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
     # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
-    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
-    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+    # expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device) if first else s
              for k, s in summed.items()}
-    return noisy, loss_sum / max(count, 1)
+    if dist.is_initialized():
+        for s in noisy.values():
+            dist.all_reduce(s)  # sum over ranks
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in noisy.items()}, loss_sum / max(count, 1)
+
+
+def all_ranks_sum(x):
+    """A number summed over the torchrun ranks (x itself in one process). Every rank must call it at the same point."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
 
 
 def lr_at(step, total, peak, warmup):
@@ -344,11 +363,14 @@ def lr_at(step, total, peak, warmup):
 
 
 def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, sigma, per_call, noise_gen,
-                     canaries=None):
+                     canaries=None, shard=(0, 1)):
     """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
     members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
-    those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss)."""
+    those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss).
+    shard=(rank, world), for torchrun: every rank holds the whole step's micro-batches and computes rank, rank +
+    world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step."""
     K = members.shape[0]
+    members, pair_mask = members[shard[0]::shard[1]], pair_mask[shard[0]::shard[1]]
     sizes = pair_mask.sum(1)  # (K,)
     # micro-batches of similar size share a vmap call, padded only to the largest among them (compute only:
     # which call a micro-batch goes through changes no value)
@@ -455,6 +477,20 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     out.mkdir(parents=True, exist_ok=True)
 
+    # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
+    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
+    # process group exists. Every rank builds the same model and draws the same global sample from the same
+    # seeded sample_gen, then keeps its shard (data.poisson_batches); dp_step sums the shards and adds the noise
+    # once. Augmentations draw from a stream per rank (aug_gen); rank 0 alone prints, logs, checkpoints, evaluates.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank:  # errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
     if args.micro_batch < 2:
         raise ValueError(f"--micro-batch must be >= 2 (a contrastive loss needs another pair to contrast), got {args.micro_batch}")
@@ -474,6 +510,8 @@ def main(argv=None):
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
+    if K < world:  # torchrun: every rank computes at least one micro-batch
+        raise ValueError(f"--batch-size / --micro-batch gives K={K} micro-batches per step, fewer than the {world} processes")
     print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
     if args.debug_no_noise:
@@ -495,7 +533,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
     accountant = RDPAccountant()
     sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling and micro-batch assignment
-    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops
+    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
     step = 0
     if args.resume:
@@ -505,10 +543,15 @@ def main(argv=None):
         if audit:
             audit.load_state_dict(ckpt["audit"])
         step = ckpt["step"]
-        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+        sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
+        # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
+        for g, s in zip((sample_gen, aug_gen, noise_gen), (sample_state, aug_states[rank % len(aug_states)], noise_state)):
             g.set_state(s)
-        torch.set_rng_state(ckpt["rng"][3])
+        torch.set_rng_state(torch_state)
         print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+    if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
+        for v in [*params.values(), *buffers.values()]:
+            dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
     tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
@@ -516,16 +559,21 @@ def main(argv=None):
                                     tokens[idx].to(device), mask.to(device))
     per_call = max(1, round(args.physical_batch / args.micro_batch))
 
-    def save_checkpoint():
+    def save_checkpoint():  # every rank calls it: each holds its own augmentation stream; rank 0 writes the file
+        aug_states = [aug_gen.get_state()] * world
+        if world > 1:
+            dist.all_gather_object(aug_states, aug_gen.get_state())
+        if rank:
+            return
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(),
-                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()],
+                    rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
                     audit=audit.state_dict() if audit else None)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
-    bar = tqdm(range(args.steps - step), total=args.steps - step, initial=0, desc="DP-CLIP", dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "a") as log:
+    bar = tqdm(range(args.steps - step), total=args.steps - step, initial=0, desc="DP-CLIP", dynamic_ncols=True, disable=rank > 0)
+    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
         for _ in bar:
             members, pair_mask = sample_micro_batches(N, q, K, generator=sample_gen)
             model.train()
@@ -535,7 +583,8 @@ def main(argv=None):
             with autocast:
                 noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
                                                clip=args.clip, sigma=0.0 if args.debug_no_noise else sigma,
-                                               per_call=per_call, noise_gen=noise_gen, canaries=canaries)
+                                               per_call=per_call, noise_gen=noise_gen, canaries=canaries,
+                                               shard=(rank, world))
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -553,6 +602,10 @@ def main(argv=None):
                 log.flush()
                 tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
                 save_checkpoint()
+    if world > 1:  # training is over: evaluation and outputs are rank 0's alone
+        dist.destroy_process_group()
+        if rank:
+            return
     eps_spent = accountant.epsilon(delta)
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
@@ -599,5 +652,6 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

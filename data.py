@@ -468,10 +468,20 @@ def physical_batches(indices, physical_batch):
     return list(zip(idx.view(k, P).unbind(0), mask.view(k, P).unbind(0)))
 
 
-def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None):
-    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step."""
+def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None, shard=(0, 1)):
+    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step.
+
+    shard=(rank, world), for torchrun: every rank draws the same global sample (the same generator, seeded and
+    stepped alike on every rank) and keeps the sampled indices rank, rank + world, ... of it. The shards are
+    disjoint and their union is exactly the one-process sample, so one logical step is one global Poisson sample
+    whatever the world size (and each rank's share is itself an independent-inclusion sample of its examples).
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"poisson_batches: shard must be (rank, world) with 0 <= rank < world, got {shard}")
     for _ in range(int(steps)):
-        yield physical_batches(poisson_sample(n, q, generator=generator, indices=indices), physical_batch)
+        picked = poisson_sample(n, q, generator=generator, indices=indices)
+        yield physical_batches(picked[rank::world], physical_batch)
 
 
 # -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private images: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) linear probe")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
@@ -267,13 +268,31 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
             summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
         loss_sum += float((losses.float() * mask.to(losses.device)).sum())
         count += int(mask.sum())
+    # torchrun: summed covers this rank's shard of the one global Poisson sample. Rank 0 alone adds the noise and
+    # the canaries (one global set; the other ranks add zeros, so every rank reduces the same keys); the all-reduce
+    # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
+    # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
+    first = not dist.is_initialized() or dist.get_rank() == 0
     if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
-        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0)
+        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
     # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
-    # expected batch size (a public constant) instead of the realised one keeps the sensitivity at C.
-    noisy = {k: (s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device)) / expected_batch
+    # expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the sensitivity at C.
+    noisy = {k: s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device) if first else s
              for k, s in summed.items()}
-    return noisy, loss_sum / max(count, 1)
+    if dist.is_initialized():
+        for s in noisy.values():
+            dist.all_reduce(s)  # sum over ranks
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in noisy.items()}, loss_sum / max(count, 1)
+
+
+def all_ranks_sum(x):
+    """A number summed over the torchrun ranks (x itself in one process). Every rank must call it at the same point."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
 
 
 def lr_at(step, total, peak, warmup):
@@ -290,7 +309,7 @@ def lr_at(step, total, peak, warmup):
 def train_syn(model, args, device, autocast):
     gen = torch.Generator().manual_seed(10_000 + args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.syn_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    bar = tqdm(range(args.syn_steps), desc="ViP-Syn (public)", dynamic_ncols=True)
+    bar = tqdm(range(args.syn_steps), desc="ViP-Syn (public)", dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.syn_steps, args.syn_lr, max(1, args.syn_steps // 20))
@@ -360,6 +379,20 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     out.mkdir(parents=True, exist_ok=True)
 
+    # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
+    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
+    # process group exists. Every rank builds the same model and draws the same global sample from the same
+    # seeded sample_gen, then keeps its shard (data.poisson_batches); dp_step sums the shards and adds the noise
+    # once. Augmentations draw from a stream per rank (aug_gen); rank 0 alone prints, logs, checkpoints, evaluates.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank:  # errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
     n_default = 20000 if args.data == "shapes" else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
@@ -388,10 +421,13 @@ def main(argv=None):
             model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
             print(f"ViP-Syn: loaded {cache}")
         else:
+            # torchrun: every rank trains this public stage (rather than wait idle, past the collective timeout, for
+            # rank 0); rank 0 alone writes the cache, and stage 2 starts every rank from rank 0's weights
             train_syn(model, args, device, autocast)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), str(cache) + ".tmp")
-            os.replace(str(cache) + ".tmp", cache)
+            if rank == 0:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), str(cache) + ".tmp")
+                os.replace(str(cache) + ".tmp", cache)
     elif args.init != "none":
         if not Path(args.init).is_file():
             raise ValueError(f"--init {args.init}: no such file (use 'syn', 'none' or a checkpoint path)")
@@ -405,7 +441,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
     accountant = RDPAccountant()
     sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling
-    aug_gen = torch.Generator().manual_seed(args.seed + 1)  # crops and flips
+    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops and flips
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
     step = 0
     if args.resume:
@@ -415,25 +451,36 @@ def main(argv=None):
         if audit:
             audit.load_state_dict(ckpt["audit"])
         step = ckpt["step"]
-        for g, s in zip((sample_gen, aug_gen, noise_gen), ckpt["rng"]):
+        sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
+        # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
+        for g, s in zip((sample_gen, aug_gen, noise_gen), (sample_state, aug_states[rank % len(aug_states)], noise_state)):
             g.set_state(s)
-        torch.set_rng_state(ckpt["rng"][3])
+        torch.set_rng_state(torch_state)
         print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+    if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
+        for v in [*params.values(), *buffers.values()]:
+            dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, lambda f, x, noise: mae_loss(f, x, noise, args.mask_ratio, args.patch))
     load = lambda idx: tuple(t.to(device) for t in augment(private.images(idx), aug_gen, args.patch))
 
-    def save_checkpoint():
+    def save_checkpoint():  # every rank calls it: each holds its own augmentation stream; rank 0 writes the file
+        aug_states = [aug_gen.get_state()] * world
+        if world > 1:
+            dist.all_gather_object(aug_states, aug_gen.get_state())
+        if rank:
+            return
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(),
-                    rng=[sample_gen.get_state(), aug_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()],
+                    rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
                     audit=audit.state_dict() if audit else None)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
-    batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen)
-    bar = tqdm(batches, total=args.steps - step, initial=0, desc="ViP (DP-SGD)", dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "a") as log:
+    batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
+                                   shard=(rank, world))
+    bar = tqdm(batches, total=args.steps - step, initial=0, desc="ViP (DP-SGD)", dynamic_ncols=True, disable=rank > 0)
+    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
         for micro_batches in bar:
             model.train()
             for group in opt.param_groups:
@@ -455,11 +502,15 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.steps:
                 eps_now = accountant.epsilon(delta)
                 rec = dict(step=step, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
-                           batch=sum(int(m.sum()) for _, m in micro_batches), time=time.time() - t0)
+                           batch=int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches))), time=time.time() - t0)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
                 save_checkpoint()
+    if world > 1:  # training is over: evaluation and outputs are rank 0's alone
+        dist.destroy_process_group()
+        if rank:
+            return
     eps_spent = accountant.epsilon(delta)
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
@@ -493,5 +544,6 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -168,6 +168,20 @@ def test_poisson_batches_reproducible():
         assert all(i.shape == (8,) for i, _ in sa)
 
 
+def test_poisson_batches_shards_partition_the_one_process_sample():
+    """torchrun: world ranks with the same generator seed hold disjoint shards whose union is the whole sample."""
+    run = lambda shard: list(data.poisson_batches(300, 0.1, 4, 8, generator=torch.Generator().manual_seed(3), shard=shard))
+    whole = [torch.cat([i[m] for i, m in step]) for step in run((0, 1))]
+    for world in (2, 3):
+        shards = [run((r, world)) for r in range(world)]
+        for t, full in enumerate(whole):
+            parts = [torch.cat([i[m] for i, m in s[t]]) for s in shards]
+            assert sorted(torch.cat(parts).tolist()) == full.tolist()
+            assert all(len(p) in (len(full) // world, len(full) // world + 1) for p in parts)  # balanced
+    with pytest.raises(ValueError, match="shard"):
+        next(data.poisson_batches(300, 0.1, 1, 8, shard=(2, 2)))
+
+
 # -----------------------------------------------------------------------------
 # augmentations
 
