@@ -596,9 +596,12 @@ class CanaryAudit:
             tries.append({"guesses": r, "correct": v, "eps_lower_bound": audit_epsilon_lower_bound(
                 m=self.m, guesses=r, correct=v, delta=delta, confidence=level)})
         best = max(tries, key=lambda t: t["eps_lower_bound"])
+        # every guess of the best set right: the bound is at its ceiling for that many guesses (about
+        # log(guesses / 3)), as in a run with no noise at all, and a claim above it goes unchecked
+        saturated = best["correct"] == best["guesses"]
         return {"canaries": self.m, "included": self.n_included, "confidence": confidence, "delta": delta,
                 "eps_lower_bound": best["eps_lower_bound"], "claimed_eps": claimed_eps,
-                "violation": best["eps_lower_bound"] > claimed_eps, "guess_sets": tries}
+                "violation": best["eps_lower_bound"] > claimed_eps, "saturated": saturated, "guess_sets": tries}
 
     def state_dict(self):
         return {"m": self.m, "seed": self.seed, "scores": [float(s) for s in self.scores]}

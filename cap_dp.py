@@ -607,7 +607,9 @@ def main(argv=None):
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
-              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim"))
+              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim") +
+              (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
+               if audit_result["saturated"] else ""))
     if args.tan_batch:
         print(f"TAN: eps={eps_spent:.3f} is this B'={batch_size} run's; it is NOT the eps of the simulated B={args.batch_size} run")
     print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

@@ -641,7 +641,9 @@ def main(argv=None):
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
-              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim"))
+              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim") +
+              (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
+               if audit_result["saturated"] else ""))
     print(f"zero-shot accuracy (not private): {zs_acc:.3f} (chance {1 / len(probe_test.classes):.3f})")
     print(f"retrieval among {len(held_out)} held-out pairs (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
     print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))

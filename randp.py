@@ -500,7 +500,9 @@ def main(argv=None):
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
-              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim"))
+              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim") +
+              (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
+               if audit_result["saturated"] else ""))
     print(f"test accuracy (EMA weights, {test.name}, n={len(test)}): {acc:.4f}")
     print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt{'' if args.no_prior else ', priors.png'} in {time.time() - t0:.0f}s")
 

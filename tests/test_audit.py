@@ -93,10 +93,12 @@ def test_separated_scores_are_flagged_and_noise_is_not():
     a = CanaryAudit(2000, seed=0)
     a.observe(a.included * 1.0)  # a perfect auditor: in-canaries score 1, the others 0
     res = a.result(delta=1e-5, claimed_eps=1.0)
-    assert res["violation"] and res["eps_lower_bound"] > 3
+    assert res["violation"] and res["saturated"] and res["eps_lower_bound"] > 3
+    assert not a.result(delta=1e-5, claimed_eps=20.0)["violation"]  # above the ceiling: only "saturated" tells
     b = CanaryAudit(2000, seed=0)
     b.observe(np.random.default_rng(1).normal(size=2000))  # scores that ignore the coins
     assert b.result(delta=1e-5, claimed_eps=1.0)["eps_lower_bound"] == 0.0
+    assert not b.result(delta=1e-5, claimed_eps=1.0)["saturated"]
     c = CanaryAudit(2000, seed=0)
     c.load_state_dict(a.state_dict())
     assert c.result(delta=1e-5, claimed_eps=1.0) == res
@@ -123,7 +125,7 @@ def test_audit_flags_a_run_without_noise(tmp_path, script, broken):
     a = s["audit"]
     assert a["canaries"] == 1000 and s["n"] == 300 + a["included"]  # eps covers the canaries that joined
     assert s["eps"] <= 1.0 and a["claimed_eps"] == s["eps"]
-    assert a["violation"] is broken
+    assert a["violation"] is broken and a["saturated"] is broken
     if broken:
         assert a["eps_lower_bound"] > 2.5 and "NOT private" in r.stdout and "VIOLATION" in r.stdout
     else:
