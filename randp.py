@@ -12,17 +12,19 @@ Processes" (NeurIPS 2023). The recipe, in the order this file follows it:
   run's total epsilon is --eps. The paper's DP tricks (De et al. 2022): augmentation multiplicity (each
   example's gradient is the mean over K augmented copies, taken before clipping) and an exponential moving
   average (EMA) of the weights, used for evaluation (post-processing: free).
-What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parameters) at 32x32, K = 1, a
-200-step prior and 200 private steps (80 of them linear probe), so one run takes minutes on a 2-core CPU; the paper's WRN-16-4, batch 4096,
-875 steps, K = 16 is the last command below (a GPU). data.py's random-process generators stand in for the
-paper's StyleGAN-Oriented images. Grey sets (MNIST) are repeated to 3 channels (and resized to --size), so one
-prior serves every dataset. The test split is read once, at the end, for the report: nothing is chosen with it.
+What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parameters) at 32x32, K = 1, a 200-step
+prior and 200 private steps (80 of them linear probe), so one run takes minutes on a 2-core CPU; the paper's
+WRN-16-4, batch 4096, 875 steps, K = 16 is the last command below (a GPU). What differs from De et al.'s WRN so
+that 200 steps learn (issue #5): one channel per GroupNorm group, LayerNorm on the pooled features, SGD momentum
+0.9 (see norm(), WRN). data.py's random-process generators stand in for the paper's StyleGAN-Oriented images. Grey
+sets (MNIST) are repeated to 3 channels (and resized to --size), so one prior serves every dataset. The test split
+is read once, at the end, for the report: nothing is chosen with it.
 
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop              # MNIST; see README for time, accuracy
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --no-prior   # the plain DP-SGD baseline
   python randp.py --eps 8 --data /tmp/cifar10                                 # CIFAR-10 (image folder or pickles)
   python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 --aug-mult 16 \\
-      --physical-batch 64 --lr 4 --prior-steps 20000 --prior-batch 512                 # the paper's scale: a GPU
+      --physical-batch 64 --lr 4 --momentum 0 --prior-steps 20000 --prior-batch 512     # the paper's scale: a GPU
 """
 import argparse
 import json
