@@ -71,7 +71,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="peak SGD learning rate of phase III (fine-tuning); default 2 "
                    "from a random init (--no-prior; 4 diverged), 1 on the prior, whose probed head makes 2 diverge at first "
-                   "(chosen in short runs validated on a held-out part of the MNIST train split, never on test)")
+                   "(chosen in short runs validated on a held-out part of the MNIST train split, never on test; that split is "
+                   "private, so MNIST runs' eps does not cover this choice: README)")
     g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD learning rate of phase II (linear probe, on standardised features)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum: De et al. use none at 875 steps of "
                    "batch 4096; in 200 short steps it lets the step outgrow the clipped mean's small norm")
