@@ -67,8 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
-    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 small, 4 vip, 16 base)")
+    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; xs: 0.2M parameters, patch 8; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
+    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
@@ -89,6 +89,7 @@ def parse_args(argv=None):
 
 SIZES = {  # D width, depth, heads of the image encoder (as in mae_dp.py, so --init lines up); text decoder
     "tiny": dict(dim=32, depth=1, heads=2, dec_dim=32, dec_depth=1, dec_heads=2),
+    "xs": dict(dim=64, depth=2, heads=4, dec_dim=64, dec_depth=1, dec_heads=4),  # patch 8: fewer parameters, less noise
     "small": dict(dim=96, depth=3, heads=4, dec_dim=96, dec_depth=2, dec_heads=4),  # patch 8: 2-core CPU default
     "vip": dict(dim=128, depth=4, heads=4, dec_dim=96, dec_depth=2, dec_heads=4),  # mae_dp.py's small: --init from it
     "base": dict(dim=768, depth=12, heads=12, dec_dim=768, dec_depth=6, dec_heads=12),
@@ -432,7 +433,7 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
-    args.patch = args.patch or {"small": 8, "vip": 4}.get(args.model, 16)
+    args.patch = args.patch or {"xs": 8, "small": 8, "vip": 4}.get(args.model, 16)
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)
