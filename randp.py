@@ -17,8 +17,8 @@ prior and 200 private steps of B = 512 (20 of them linear probe), so one run tak
 MNIST and CIFAR-10 commands below trade batch for steps (B = 256), sized to a CPU time budget; the paper's
 WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differs from De et al.'s WRN so that a
 few hundred steps learn (issue #5): one channel per GroupNorm group, LayerNorm on the pooled features and He init
-(see norm(), WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the
-embedded shapes set (README, "how the defaults were chosen"), never on the data reported. data.py's
+(see norm(), WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public
+proxy, the embedded shapes set (README, "how the defaults were chosen"), never on the data reported. data.py's
 random-process generators stand in for the paper's StyleGAN-Oriented images. Grey sets (MNIST) are repeated to 3
 channels (and resized to --size), so one prior serves every dataset. The test split is read once, at the end, for
 the report: nothing is chosen with it.
@@ -27,7 +27,7 @@ the report: nothing is chosen with it.
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior   # plain DP-SGD
   python randp.py --eps 8 --data /tmp/cifar10 --batch-size 256 --steps 250   # CIFAR-10 (image folder or pickles)
   python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 --aug-mult 16 \\
-      --physical-batch 64 --lr 4 --prior-steps 20000 --prior-batch 512     # the paper's scale: a GPU
+      --physical-batch 64 --lr 4 --momentum 0 --prior-steps 20000 --prior-batch 512     # the paper's scale: a GPU
 """
 import argparse
 import json
@@ -113,7 +113,8 @@ def norm(c):
     channels, and on MNIST, whose images are mostly one background value, each channel then needs its OWN spatial
     statistics to make a stroke stand out: in short clipped runs validated on a held-out part of the MNIST train
     split (issue #5), one channel per group learned far faster than 2 per group. That split is private, so MNIST's
-    eps does not cover this one choice (README, "What the eps covers"); the learning rates were re-chosen on shapes."""
+    eps does not cover this one choice (README, "What the eps covers"); the learning rates and momentum were re-chosen
+    on shapes."""
     return nn.GroupNorm(c, c)
 
 
