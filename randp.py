@@ -343,6 +343,8 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+        if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
+            args.lr = 2.0 if args.no_prior else 1.0
     lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
     if not 0 <= lp_steps < args.steps:
         raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")

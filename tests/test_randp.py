@@ -153,6 +153,20 @@ def test_resume_continues_step_phase_and_epsilon(smoke, tmp_path):
     assert [(l["step"], l["phase"]) for l in lines] == [(2, "linear_probe"), (4, "fine_tune"), (6, "fine_tune")]
 
 
+def test_resume_of_a_checkpoint_from_before_the_lr_default(smoke, tmp_path):
+    # checkpoints written before issue #5's proxy defaults hold lr None (the rule was 1 on the prior, 2 without)
+    cwd, _ = smoke
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    shutil.copytree(cwd / "runs", tmp_path / "runs")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ck["args"].update(steps=6, lr=None)
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_script("randp.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 6 and s["args"]["lr"] == 1.0
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--eps", "0"], "eps"),
     (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
