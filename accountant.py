@@ -349,8 +349,11 @@ def epsilon(*, q, sigma, steps, delta, orders=DEFAULT_ORDERS):
     return epsilon_from_rdp(rdp=rdp, orders=orders, delta=delta)[0]
 
 
-def calibrate_sigma(*, target_eps, q, steps, delta):
+def calibrate_sigma(*, target_eps, q, steps, delta, prior_rdp=None):
     """The smallest sigma (to 1e-4 relative) whose eps over DEFAULT_ORDERS is <= target_eps; never above it.
+
+    prior_rdp: RDP at DEFAULT_ORDERS already spent on the same data (an earlier DP run this one starts from);
+    then sigma is the smallest whose COMPOSED eps (prior + these steps: RDP adds up) is <= target_eps.
 
     Root finding in log(sigma) on a bracket [lo, hi] with eps(lo) > target_eps >= eps(hi), returning hi. eps is
     strictly decreasing in sigma, so the true boundary lies in (lo, hi], and the search stops once hi / lo < 1 + 1e-4.
@@ -362,9 +365,16 @@ def calibrate_sigma(*, target_eps, q, steps, delta):
     if q == 0 or steps == 0:
         return 0.0
     orders, log_target, tol = DEFAULT_ORDERS, math.log(target_eps), math.log1p(1e-4)
+    prior_rdp = np.zeros(orders.shape) if prior_rdp is None else np.asarray(prior_rdp, dtype=np.float64)
+    if prior_rdp.shape != orders.shape or np.isnan(prior_rdp).any() or (prior_rdp < 0).any():
+        raise ValueError(f"prior_rdp must hold {orders.size} values >= 0, one per DEFAULT_ORDERS")
+    prior_eps = _eps_and_order(prior_rdp, orders, delta)[0] if prior_rdp.any() else 0.0
+    if prior_eps >= target_eps:
+        raise ValueError(f"the earlier run this one starts from already spent eps={prior_eps:.3f} at "
+                         f"delta={delta:.3g}: nothing is left of --eps {target_eps:g}")
 
     def g(log_sigma):  # > 0: sigma too small
-        rdp = steps * rdp_subsampled_gaussian(q=q, sigma=math.exp(log_sigma), orders=orders)
+        rdp = prior_rdp + steps * rdp_subsampled_gaussian(q=q, sigma=math.exp(log_sigma), orders=orders)
         return math.log(max(_eps_and_order(rdp, orders, delta)[0], 1e-300)) - log_target
 
     lo, g_lo = 0.0, g(0.0)  # sigma = 1
@@ -394,19 +404,23 @@ def calibrate_sigma(*, target_eps, q, steps, delta):
             g_lo = g_lo / 2 if side == 1 else g_lo
             side = 1
     sigma = math.exp(hi)
-    epsilon(q=q, sigma=sigma, steps=steps, delta=delta)  # only for its edge-of-grid warning
+    if not prior_rdp.any():
+        epsilon(q=q, sigma=sigma, steps=steps, delta=delta)  # only for its edge-of-grid warning
     return sigma
 
 
 # --- a DP-SGD run's plan: what every script derives from its privacy flags ---------------------------------------
 
-def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None):
+def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None, prior=None):
     """Turn a script's privacy flags into the numbers its DP-SGD run uses, checking them on the way.
 
     n examples, an expected logical batch of batch_size, `steps` logical steps: q = batch_size / n (Poisson
     sampling), delta = 1 / (2n) unless given (it must be < 1/n: a larger delta allows a mechanism that publishes
     one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps.
-    Returns {"q", "sigma", "delta", "n", "steps", "batch_size"}; bad values raise a one-line ValueError.
+    prior: an RDPAccountant state_dict of earlier DP runs on the same data (see init_prior); sigma is then
+    calibrated so that the composed eps, theirs and this run's, is <= target_eps ("prior_eps" is theirs alone).
+    Returns {"q", "sigma", "delta", "n", "steps", "batch_size", "prior_eps"}; bad values raise a one-line
+    ValueError.
 
     >>> p = dp_sgd_plan(target_eps=3.0, n=60000, batch_size=256, steps=14063)
     >>> p["q"] == 256 / 60000, p["delta"] == 1 / 120000, round(p["sigma"], 3)
@@ -426,8 +440,48 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None):
     if delta >= 1 / n:
         raise ValueError(f"--delta {delta:g} must be < 1/N = {1 / n:.3g} (N={n})")
     q = batch_size / n
-    sigma = calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta)
-    return {"q": q, "sigma": sigma, "delta": delta, "n": int(n), "steps": steps, "batch_size": int(batch_size)}
+    prior_rdp, prior_eps = None, 0.0
+    if prior is not None:
+        earlier = RDPAccountant()
+        earlier.load_state_dict(prior)
+        earlier.orders, earlier._rdp_cache = DEFAULT_ORDERS, {}  # re-evaluate its history on this run's orders
+        prior_rdp = earlier.rdp()
+        prior_eps = _eps_and_order(prior_rdp, DEFAULT_ORDERS, delta)[0] if prior_rdp.any() else 0.0
+    sigma = calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta, prior_rdp=prior_rdp)
+    return {"q": q, "sigma": sigma, "delta": delta, "n": int(n), "steps": steps, "batch_size": int(batch_size),
+            "prior_eps": prior_eps}
+
+
+def init_prior(checkpoint, *, path, disjoint=False):
+    """What starting from an earlier run's weights (`--init PATH`) costs this run (rule 4: eps composes over every
+    DP run that touched the same data). checkpoint: the loaded file. Returns {"prior", "note", "pipeline"}: prior
+    is the earlier runs' RDPAccountant state_dict to compose with (None: nothing to compose), note says why in one
+    line, pipeline lists the earlier DP runs whose eps this run's now includes.
+
+    - a file with no privacy record (a ViP-Syn cache, a random-process prior: public data) costs nothing;
+    - a DP run of this project (its "privacy" record, or the "accountant" of an older checkpoint) composes,
+      unless the user declares its data disjoint from this run's (disjoint=True, `--init-data-disjoint`);
+    - a non-private run (`--eps inf`) protects nothing: refused unless its data is declared disjoint.
+    """
+    record = checkpoint.get("privacy") if isinstance(checkpoint, dict) else None
+    if record is None and isinstance(checkpoint, dict) and "accountant" in checkpoint:  # an older checkpoint
+        record = {"private": True, "accountant": checkpoint["accountant"], "pipeline": [{"file": str(path)}]}
+    if record is None:
+        return dict(prior=None, note=f"--init {path}: public weights (no privacy record): cost no privacy",
+                    pipeline=[])
+    if not record.get("private", True):
+        if not disjoint:
+            raise ValueError(f"--init {path} comes from a NOT private run (--eps inf), which protects nothing; "
+                             f"pass --init-data-disjoint only if it trained on data disjoint from this run's")
+        return dict(prior=None, note=f"--init {path}: a NOT private run on data declared disjoint from this "
+                    "run's (--init-data-disjoint)", pipeline=[])
+    earlier = RDPAccountant()
+    earlier.load_state_dict(record["accountant"])  # checks it
+    if disjoint:
+        return dict(prior=None, note=f"--init {path}: a DP run on data declared disjoint from this run's "
+                    "(--init-data-disjoint): its eps is not composed", pipeline=[])
+    return dict(prior=earlier.state_dict(), note=f"--init {path}: a DP run on the same data: its eps composes "
+                "with this run's", pipeline=list(record.get("pipeline", [])))
 
 
 # --- the accountant a training run carries -----------------------------------------------------------------------

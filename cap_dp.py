@@ -22,7 +22,7 @@ ViT-B/16 at 224x224 is `--model base`); the paper's DataComp image-text pairs be
   python cap_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
   python cap_dp.py --eps 8 --audit 5000                         # + a one-run privacy audit: eps lower bound (README)
   python cap_dp.py --eps 8 --tan-batch 256                      # TAN: a cheap run with the noise of B=1024
-  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/checkpoint.pt --model vip   # encoder from ViP
+  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/model.pt --model vip   # encoder from ViP: the eps composes
 """
 import argparse
 import json
@@ -42,7 +42,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -79,6 +79,11 @@ def parse_args(argv=None):
     g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
                    "M gradient canaries (accountant.CanaryAudit; eps then covers N + the canaries that joined)")
     g.add_argument("--debug-no-noise", action="store_true", help=argparse.SUPPRESS)  # breaks privacy: tests only
+    g.add_argument("--insecure-seed", action="store_true", help=argparse.SUPPRESS)  # tests only: replayable
+    g.add_argument("--log-private", action="store_true", help="also log the training loss and batch size "
+                   "(they read the private data: metrics.jsonl must then not be published)")
+    g.add_argument("--init-data-disjoint", action="store_true", help="the --init run trained on data "
+                   "disjoint from this run's: its eps is not composed with this run's")
     g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     g.add_argument("--name", default=None, help="run name (default cap_dp_eps<eps>_s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -288,35 +293,53 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
     """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's sampled canary gradients (m,), canary i along its own coordinate i (accountant.CanaryAudit);
-    they are clipped, summed and noised exactly like the examples and come back under the key "canaries"."""
-    summed = {k: torch.zeros_like(v) for k, v in params.items()}
-    loss_sum, count = 0.0, 0
+    they are clipped, summed and noised exactly like the examples and come back under the key "canaries".
+    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
+    up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
+    summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
+    loss_sum, count, bad = 0.0, 0, 0
     for idx, mask in micro_batches:
-        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W) and mask noise (P, L)
+        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W)
         grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
-        # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads.values()]).norm(dim=0)  # (P,)
-        # g_i <- g_i * min(1, C / ||g_i||); padding slots (mask 0) contribute nothing
-        factor = (clip / (norms + 1e-6)).clamp(max=1.0) * mask.to(norms)  # (P,)
-        for k, g in grads.items():
-            summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
-        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        # The sensitivity argument lives here, so it runs in float32 (at least) whatever the autocast: a bf16
+        # matmul would round the clipped sum, and one example could then move it by more than C.
+        with torch.autocast(losses.device.type, enabled=False):
+            keep = mask.to(losses.device)  # (P,) bool; padding slots are False
+            # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
+            norms = torch.stack([torch.linalg.vector_norm(up(g).reshape(g.shape[0], -1), dim=1)
+                                 for g in grads.values()]).norm(dim=0)  # (P,)
+            finite = torch.isfinite(norms)
+            bad += int((keep & ~finite).sum())
+            # g_i <- g_i * min(1, C / ||g_i||); padding slots get factor 0 through where, never 0 * NaN
+            factor = torch.where(keep & finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)  # (P,)
+            whole = bool(finite.all())  # else zero the non-finite rows (padding only, or the run stops below)
+            for k, g in grads.items():
+                g = up(g) if whole else torch.where(finite.view(-1, *[1] * (g.dim() - 1)), up(g), 0.0)
+                summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+        loss_sum += float(torch.where(keep, up(losses), 0.0).sum())
         count += int(mask.sum())
     # torchrun: summed covers this rank's shard of the one global Poisson sample. Rank 0 alone adds the noise and
     # the canaries (one global set; the other ranks add zeros, so every rank reduces the same keys); the all-reduce
     # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
-    if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
-        summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-    # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by the
-    # expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the sensitivity at C.
-    noisy = {k: s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device) if first else s
-             for k, s in summed.items()}
+    with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
+        if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
+            canaries = up(canaries)
+            summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
+        # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by
+        # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
+        # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
+        noisy = {k: s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
+                 if first else s
+                 for k, s in summed.items()}
     if dist.is_initialized():
         for s in noisy.values():
             dist.all_reduce(s)  # sum over ranks
-        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+        loss_sum, count, bad = all_ranks_sum(loss_sum), all_ranks_sum(count), all_ranks_sum(bad)
+    if bad:  # every rank raises alike; the caller has not yet stepped, so the last checkpoint stays the last good one
+        raise ValueError(f"{int(bad)} sampled example(s) gave a non-finite (NaN or inf) gradient: the run stops "
+                         "here, its last checkpoint kept (a smaller --lr, or check the data)")
     return {k: s / expected_batch for k, s in noisy.items()}, loss_sum / max(count, 1)
 
 
@@ -472,13 +495,28 @@ def main(argv=None):
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
-    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
+    # --init from an earlier run: a DP run on the same data composes with this one (rule 4); public weights are free
+    earlier = dict(prior=None, note=None, pipeline=[])
+    if args.resume:
+        earlier = ckpt.get("init", earlier)
+    elif args.init not in ("none",):
+        if not Path(args.init).is_file():
+            raise ValueError(f"--init {args.init}: no such file")
+        earlier = init_prior(torch.load(args.init, map_location="cpu", weights_only=True), path=args.init,
+                             disjoint=args.init_data_disjoint)
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps,
+                       prior=earlier["prior"])
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
     print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
     if args.debug_no_noise:
         print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
               "(a deliberately broken run, for testing the audit)")
+    if earlier["note"]:
+        print(earlier["note"] + (f" (eps {plan['prior_eps']:.3f} spent before this run)" if earlier["prior"] else ""))
+    if args.insecure_seed:
+        print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
+              "printed holds only while that seed stays secret (for tests that replay a run)")
     batch_size = args.batch_size
     if args.tan_batch:  # TAN: same sigma/B (noise per update) with a batch B' < B; q' = B'/N from the accountant
         if args.tan_batch > args.batch_size:
@@ -501,9 +539,18 @@ def main(argv=None):
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
     accountant = RDPAccountant()
-    sample_gen = torch.Generator().manual_seed(args.seed)  # Poisson sampling
-    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops and flips
-    noise_gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # DP noise
+    if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
+        accountant.load_state_dict(earlier["prior"])
+    # secret randomness (rule 3): the Poisson sample and the noise draw from the OS, never from the public --seed;
+    # torchrun: every rank draws the same global sample, so every rank takes rank 0's sampling seed
+    sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
+    if world > 1:
+        shared = [sample_seed]
+        dist.broadcast_object_list(shared, src=0)
+        sample_seed = shared[0]
+    sample_gen = torch.Generator().manual_seed(sample_seed)  # Poisson sampling
+    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops and flips (public)
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)  # DP noise
     step = 0
     if args.resume:
         model.load_state_dict(ckpt["model"])
@@ -536,7 +583,7 @@ def main(argv=None):
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(),
                     rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None)
+                    audit=audit.state_dict() if audit else None, init=earlier)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
@@ -564,8 +611,14 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
             if step % args.log_every == 0 or step == args.steps:
                 eps_now = accountant.epsilon(delta)
-                rec = dict(step=step, loss=loss, eps=eps_now, lr=opt.param_groups[0]["lr"],
-                           batch=int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches))), time=time.time() - t0)
+                # released or public values only: the loss and the realised batch size read the private data
+                # (the batch size counts the sampling coins), so they are logged only with --log-private
+                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # on every rank: a collective under torchrun
+                update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
+                rec = dict(step=step, eps=eps_now, lr=opt.param_groups[0]["lr"], time=time.time() - t0,
+                           noisy_grad_norm=float(torch.stack(update).norm()))
+                if args.log_private:
+                    rec.update(loss=loss, batch=batch, private=True)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
@@ -602,9 +655,21 @@ def main(argv=None):
     if args.tan_batch:
         summary["tan"] = dict(simulated_batch_size=args.batch_size, simulated_target_eps=args.eps, note=(
             "TAN simulation: eps above is that of this run (batch B', sigma*B'/B), NOT of the simulated run"))
+    # --- the release: model.pt (weights + privacy record) and summary.json. checkpoint.pt holds the secret
+    # generator states, and metrics.jsonl written with --log-private the clean loss: never publish those two ---
+    eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
+    pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
+                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
+    privacy = dict(private=True, eps=eps_spent, delta=delta, data=private.name, n=n_total, init=earlier["note"],
+                   accountant=accountant.state_dict(), pipeline=pipeline)
+    torch.save(dict(model=model.state_dict(), privacy=privacy), str(out / "model.pt") + ".tmp")
+    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
+    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    if earlier["prior"]:
+        print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
@@ -617,7 +682,7 @@ def main(argv=None):
     print(f"zero-shot accuracy (not private): {zs:.3f} (chance {1 / len(probe_test.classes):.3f})")
     for c, r in list(zip(caps, refs))[:3]:
         print(f"  caption: {c!r}" + (f"  (true: {r!r})" if r else ""))
-    print(f"wrote {out}/summary.json, metrics.jsonl, checkpoint.pt, captions.png in {time.time() - t0:.0f}s")
+    print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt, captions.png in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

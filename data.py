@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pickle
+import secrets
 import sys
 import tarfile
 from functools import lru_cache
@@ -444,9 +445,25 @@ def poisson_sample(n, q, *, generator=None, indices=None):
             raise ValueError(f"poisson_sample: n={n} but {len(indices)} indices given")
     if n < 0:
         raise ValueError(f"poisson_sample: n must be >= 0, got {n}")
-    keep = torch.rand(n, generator=generator) < q
+    # float64: a float32 uniform is a multiple of 2^-24, so `u < q` would include with probability
+    # ceil(q 2^24) / 2^24 (and q < 6e-8 would stall at that floor); float64 is exact to 2^-53.
+    keep = torch.rand(n, generator=generator, dtype=torch.float64) < q
     picked = keep.nonzero().squeeze(1)
     return picked if indices is None else indices[picked]
+
+
+def secret_seeds(pinned=None):
+    """(sampling seed, noise seed) for the two generators DP-SGD's guarantee needs kept secret (rule 3).
+
+    The accountant's bound assumes that nobody knows which examples a step sampled (else amplification by
+    subsampling is lost) nor the noise it added (else it can be subtracted). `--seed` is public (it is in
+    summary.json and in every command), so these two seeds come from the operating system's entropy, never from
+    it. pinned: an int for tests that must replay a run (`--insecure-seed`): the seeds then follow it, and the
+    eps such a run prints holds only while that number stays secret.
+    """
+    if pinned is not None:
+        return int(pinned), int(pinned) + 2
+    return secrets.randbits(63), secrets.randbits(63)
 
 
 def physical_batches(indices, physical_batch):

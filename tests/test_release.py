@@ -1,0 +1,220 @@
+"""What a run releases, and why its eps is true: secret sampling and noise, model.pt, a public log, float32
+clipping under autocast, float64 Poisson coins, eps composed over --init, and a stop on a non-finite gradient."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import accountant
+import cap_dp
+import clip_dp
+import data
+import mae_dp
+import randp
+from conftest import run_script
+from test_mae_dp import TINY
+
+SCRIPTS = [mae_dp, cap_dp, clip_dp, randp]
+
+
+# --- 1-3: the secret seeds, model.pt and the public log, end to end (mae_dp.py, tiny) ---
+
+@pytest.fixture(scope="module")
+def two_default_runs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("release")
+    for out in ("a", "b"):  # identical flags, no --insecure-seed
+        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--out", out, *TINY, cwd=cwd)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return cwd
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_two_default_runs_release_different_models(two_default_runs):
+    a, b = (weights(two_default_runs / r / "model.pt") for r in ("a", "b"))
+    # same --seed, so the same init, data and augmentations: only the secret sample and noise differ
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
+
+
+def test_pinned_seed_replays_the_run_exactly(tmp_path):
+    for out in ("a", "b"):
+        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--insecure-seed", "--out", out, *TINY, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "--insecure-seed" in r.stdout  # the run says that its eps rests on a public seed
+    a, b = (weights(tmp_path / r / "model.pt") for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_secret_seeds_stay_in_the_checkpoint(two_default_runs):
+    run = two_default_runs / "a"
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    sample_state, _, noise_state, _ = ck["rng"]
+    seeds = []
+    for state in (sample_state, noise_state):
+        g = torch.Generator()
+        g.set_state(state)
+        seeds.append(g.initial_seed())
+    assert min(seeds) > 2**20  # drawn from the OS, not --seed 0 (or 2)
+    released = (run / "summary.json").read_text() + (run / "metrics.jsonl").read_text()
+    assert not any(str(s) in released for s in seeds)
+    model = torch.load(run / "model.pt", weights_only=True)
+    assert set(model) == {"model", "privacy"}  # no generator state, no optimizer, no args
+    assert all(torch.equal(v, ck["model"][k]) for k, v in model["model"].items())
+    assert model["privacy"]["eps"] == pytest.approx(json.loads((run / "summary.json").read_text())["eps"])
+
+
+def test_the_log_holds_only_released_values_unless_asked(two_default_runs, tmp_path):
+    lines = [json.loads(l) for l in (two_default_runs / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("loss" not in l and "batch" not in l for l in lines)
+    assert all(l["noisy_grad_norm"] > 0 and l["eps"] > 0 for l in lines)
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--log-private", "--out", "p", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert all(l["private"] and l["loss"] > 0 and l["batch"] > 0 for l in lines)
+
+
+# --- 4: float32 clipping under autocast: one example moves the released sum by at most C ---
+
+def big_grads(P, D=20000, seed=0):
+    """Stand-in per-example gradients: norms far above C, so every example is clipped."""
+    g = torch.Generator().manual_seed(seed)
+    G = 30 * torch.randn(P, D, generator=g)
+
+    def per_example_grads(params, buffers, idx):
+        return {"w": G[idx]}, torch.ones(len(idx))
+    return per_example_grads
+
+
+@pytest.mark.parametrize("M", SCRIPTS, ids=lambda m: m.__name__)
+def test_one_example_moves_the_sum_by_at_most_C_under_bf16_autocast(M):
+    C, P = 1.0, 16
+    peg = big_grads(P)
+    params = {"w": torch.zeros(20000)}
+    idx = torch.arange(P)
+    worst = 0.0
+    for out in range(P):  # the sum with every example, and with example `out` removed (its slot masked)
+        sums = []
+        for mask in (torch.ones(P, dtype=torch.bool), torch.arange(P) != out):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                g, _ = M.dp_step(peg, params, {}, [(idx, mask)], lambda i: i, clip=C, sigma=0.0, expected_batch=1,
+                                 noise_gen=torch.Generator().manual_seed(0))
+            assert g["w"].dtype == torch.float32
+            sums.append(g["w"].double())
+        worst = max(worst, (sums[0] - sums[1]).norm().item())
+    assert worst <= C * (1 + 1e-6), worst
+
+
+# --- 5: Poisson coins in float64 ---
+
+@pytest.mark.parametrize("q", [0.3, 1e-6, 1e-9])
+def test_poisson_coins_are_float64_uniforms(q):
+    """By construction: example i joins iff u_i < q for u_i a float64 uniform (resolution 2^-53), so the
+    realised rate is q to ~1e-16 at any q; a float32 uniform (a multiple of 2^-24) would stall below 6e-8."""
+    n = 1_000_000
+    g = torch.Generator().manual_seed(7)
+    replay = torch.Generator().manual_seed(7)
+    picked = data.poisson_sample(n, q, generator=g)
+    u = torch.rand(n, generator=replay, dtype=torch.float64)
+    assert torch.equal(picked, (u < q).nonzero().squeeze(1))
+    assert torch.equal(g.get_state(), replay.get_state())  # nothing else was drawn
+    assert np.unique(u.numpy() * 2.0**53 % 1).tolist() == [0.0]  # and these are 53-bit uniforms
+
+
+def test_poisson_rate_at_one_in_a_million():
+    """Statistically: 4e7 coins at q = 1e-6 give 40 +- 6.3 members (a float32 rounding of q would give 40.5)."""
+    g = torch.Generator().manual_seed(3)
+    total = sum(len(data.poisson_sample(4_000_000, 1e-6, generator=g)) for _ in range(10))
+    assert abs(total - 40) < 5 * 40**0.5
+
+
+# --- 6: eps composed over --init ---
+
+def test_plan_with_a_prior_meets_the_composed_target():
+    prior = accountant.RDPAccountant()
+    prior.step(q=0.05, sigma=1.0, steps=100)
+    delta = 1e-5
+    first = prior.epsilon(delta)
+    plan = accountant.dp_sgd_plan(target_eps=first + 2, n=20000, batch_size=1000, steps=50, delta=delta,
+                                  prior=prior.state_dict())
+    assert plan["prior_eps"] == pytest.approx(first)
+    both = accountant.RDPAccountant()
+    both.load_state_dict(prior.state_dict())
+    both.step(q=plan["q"], sigma=plan["sigma"], steps=50)
+    assert first + 2 - 1e-2 <= both.epsilon(delta) <= first + 2  # composed: met, and tight
+    alone = accountant.dp_sgd_plan(target_eps=first + 2, n=20000, batch_size=1000, steps=50, delta=delta)
+    assert plan["sigma"] > 1.05 * alone["sigma"]  # composing costs noise
+    with pytest.raises(ValueError, match="already spent"):
+        accountant.dp_sgd_plan(target_eps=first * 0.9, n=20000, batch_size=1000, steps=50, delta=delta,
+                               prior=prior.state_dict())
+
+
+def test_init_prior_reads_what_a_file_costs():
+    acc = accountant.RDPAccountant()
+    acc.step(q=0.1, sigma=1.0, steps=10)
+    record = dict(private=True, accountant=acc.state_dict(), pipeline=[{"file": "a/model.pt"}])
+    assert accountant.init_prior({"encoder.w": torch.zeros(1)}, path="p")["prior"] is None  # public weights
+    got = accountant.init_prior({"model": {}, "privacy": record}, path="p")
+    assert got["prior"]["history"] == acc.state_dict()["history"] and got["pipeline"] == [{"file": "a/model.pt"}]
+    old = accountant.init_prior({"model": {}, "accountant": acc.state_dict()}, path="p")  # an older checkpoint
+    assert old["prior"]["history"] == acc.state_dict()["history"]
+    assert accountant.init_prior({"model": {}, "privacy": record}, path="p", disjoint=True)["prior"] is None
+    with pytest.raises(ValueError, match="NOT private"):
+        accountant.init_prior({"privacy": dict(record, private=False)}, path="p")
+
+
+def test_init_from_a_dp_run_composes_end_to_end(two_default_runs, tmp_path):
+    shutil.copytree(two_default_runs / "runs", tmp_path / "runs")  # the ViP-Syn cache
+    first = json.loads((two_default_runs / "a" / "summary.json").read_text())
+    src = two_default_runs / "a" / "model.pt"
+    r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--out", "c", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9  # the budget is shared with the first run
+    both = accountant.RDPAccountant()  # an independent recomputation of the composed eps
+    both.step(q=first["q"], sigma=first["sigma"], steps=first["steps"])
+    both.step(q=s["q"], sigma=s["sigma"], steps=s["steps"])
+    assert s["eps"] == pytest.approx(both.epsilon(s["delta"]), rel=1e-9)
+    assert [p["eps_alone"] for p in s["privacy_pipeline"]] == pytest.approx([first["eps"], s["eps_this_run"]])
+    assert "composed" in r.stdout
+    r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--init-data-disjoint", "--out", "d",
+                   *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert d["eps"] == pytest.approx(d["eps_this_run"]) and 5.9 < d["eps"] <= 6  # not composed: all of it
+    assert len(d["privacy_pipeline"]) == 1
+
+
+# --- 7: a non-finite gradient never reaches the release ---
+
+@pytest.mark.parametrize("M", SCRIPTS, ids=lambda m: m.__name__)
+def test_a_nan_in_a_padding_slot_leaves_the_release_finite(M):
+    G = torch.randn(4, 10)
+    G[3] = float("nan")  # slot 3 is padding (mask False)
+
+    def peg(params, buffers, idx):
+        return {"w": G[idx]}, torch.ones(len(idx))
+    mask = torch.tensor([True, True, True, False])
+    g, loss = M.dp_step(peg, {"w": torch.zeros(10)}, {}, [(torch.arange(4), mask)], lambda i: i, clip=1.0,
+                        sigma=1.0, expected_batch=3, noise_gen=torch.Generator().manual_seed(0))
+    assert torch.isfinite(g["w"]).all() and np.isfinite(loss)
+    mask[3] = True  # the same NaN in a sampled example stops the step
+    with pytest.raises(ValueError, match="non-finite"):
+        M.dp_step(peg, {"w": torch.zeros(10)}, {}, [(torch.arange(4), mask)], lambda i: i, clip=1.0, sigma=1.0,
+                  expected_batch=4, noise_gen=torch.Generator().manual_seed(0))
+
+
+def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_path):
+    # lr 1e30: the first update is finite, the second step's gradients are not
+    flags = [*TINY, "--eps", "4", "--steps", "6", "--lr", "1e30", "--warmup", "0", "--log-every", "1"]
+    r = run_script("mae_dp.py", *flags, "--out", "nan", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # stderr also holds the progress bar here
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "non-finite" in errors[0], r.stderr[-2000:]
+    ck = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert 1 <= ck["step"] < 6
+    assert not (tmp_path / "nan" / "model.pt").exists()  # nothing is released
