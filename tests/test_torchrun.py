@@ -31,8 +31,8 @@ def tiny(script):
     return ["--n-examples" if a == "--n" else a for a in TINY[script]]
 
 
-def torchrun(script, *args, cwd, nproc=2, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def torchrun(script, *args, cwd, nproc=2, timeout=300, pythonpath=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([*map(str, pythonpath), str(ROOT)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(ROOT / script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -76,6 +76,24 @@ def test_two_processes_end_where_one_does_with_the_noise_added_once(tmp_path, mo
     C.main([*flags, "--out", "doubled"])
     doubled = max_diff(model_of(tmp_path / "doubled"), model_of(tmp_path / "two"))
     assert doubled > 100 * 1e-5, doubled
+
+
+def test_every_rank_draws_rank_0s_secret_sample(tmp_path):
+    """The secret seeds come from the OS, so each process would draw its own; the sampling seed must be rank 0's
+    on every rank (a broadcast), or the shards would not split one global Poisson sample. Here each process's
+    "OS entropy" is made rank-dependent (sitecustomize patches data.secret_seeds): two processes must still end
+    where one process with rank 0's seeds ends."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nimport data\n"
+        "data.secret_seeds = lambda pinned=None: (11 + 1000 * int(os.environ.get('RANK', 0)), 7)\n")
+    flags = ["--eps", "4", "--steps", "4", *tiny("cap_dp.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    one = subprocess.run([sys.executable, str(ROOT / "cap_dp.py"), *flags, "--out", "one"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("cap_dp.py", *flags, "--out", "two", cwd=tmp_path, pythonpath=[tmp_path])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert max_diff(model_of(tmp_path / "one"), model_of(tmp_path / "two")) < 1e-5
 
 
 def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
