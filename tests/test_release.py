@@ -218,3 +218,16 @@ def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_checkpoint(t
     ck = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert 1 <= ck["step"] < 6
     assert not (tmp_path / "nan" / "model.pt").exists()  # nothing is released
+
+
+@pytest.mark.parametrize("script, tiny", [("cap_dp.py", "test_cap_dp"), ("clip_dp.py", "test_clip_dp")])
+def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs, tmp_path, script, tiny):
+    flags = __import__(tiny).TINY
+    first = json.loads((two_default_runs / "a" / "summary.json").read_text())
+    r = run_script(script, "--eps", "6", "--steps", "2", "--init", two_default_runs / "a" / "model.pt", "--out", "c",
+                   *flags, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9
+    assert [p["script"] for p in s["privacy_pipeline"]] == ["mae_dp.py", script]
+    assert s["privacy_pipeline"][0]["eps_alone"] == pytest.approx(first["eps"])
