@@ -56,7 +56,7 @@ class ImageDataset:
     Small sets hold all pixels in memory (uint8 [N, C, H, W]); file-backed ones (image folders, webdataset,
     COCO, TSV) hold a `decode(i) -> uint8 [C, H, W]` function and decode in images(idx), keeping what they
     decoded when the whole set fits in MEMO_BYTES (so only the first epoch pays for decoding).
-    channels is 3 (RGB), or 1 for grey sets (MNIST, Fashion-MNIST): use to_rgb() where a model wants 3.
+    channels is 3 (RGB), or 1 for grey sets (MNIST, Fashion-MNIST): to_rgb() / to_grey() convert.
     labels: LongTensor [N] or None; classes: class names or None; captions: one str per example or None.
     """
 
@@ -110,6 +110,21 @@ def normalize(x):
 def to_rgb(x):
     """[B, 1, H, W] -> [B, 3, H, W] by repeating the grey channel; 3-channel input is returned as is."""
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def to_grey(x):
+    """[B, 3, H, W] -> [B, 1, H, W]: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, as PIL's "L"), rounded
+    for uint8, exact for float (in [-1, 1] too: the map is linear, weights summing to 1); 1 channel returned as is. Random-process images go through it when the private set is grey,
+    so a prior sees the kind of input it will be fine-tuned on."""
+    if x.shape[1] == 1:
+        return x
+    y = (x.float() * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y.to(x.dtype)  # float: as is
+
+
+def to_channels(x, channels):
+    """uint8 [B, C, H, W] -> [B, channels, H, W]: to_grey for 1, to_rgb for 3."""
+    return to_grey(x) if channels == 1 else to_rgb(x)
 
 
 def _why(e):

@@ -19,8 +19,10 @@ WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differ
 few hundred steps learn (issue #5): one channel per GroupNorm group, LayerNorm on the pooled features and He init
 (see norm(), WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public
 proxy, the embedded shapes set (README, "how the defaults were chosen"), never on the data reported. data.py's
-random-process generators stand in for the paper's StyleGAN-Oriented images. Grey sets (MNIST) are repeated to 3
-channels (and resized to --size), so one prior serves every dataset. The test split is read once, at the end, for
+random-process generators stand in for the paper's StyleGAN-Oriented images. The model takes the private set's
+channels and its prior is learned on random-process images in those channels (grey sets such as MNIST: their
+BT.601 luma), so a grey set is not fine-tuned from a prior that only ever saw colour. Phase I is public compute,
+cached per flags in runs/cache/ (`--build-prior` builds it alone). The test split is read once, at the end, for
 the report: nothing is chosen with it.
 
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500            # MNIST (README)
@@ -65,10 +67,12 @@ def parse_args(argv=None):
     g.add_argument("--lp-steps", type=int, default=20, help="phase II: steps of DP linear probing (head only); ignored with "
                    "--no-prior. 20 beat 0, 40 and 80 on the public proxy (README, 'how the defaults were chosen')")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
+    g.add_argument("--lp-features", choices=["augmented", "cached"], default="augmented", help="phase II input: "
+                   "augmented views through the frozen body each step, or each example's features computed once")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
-    g.add_argument("--size", type=int, default=32, help="image side H = W (grey sets are repeated to 3 channels)")
+    g.add_argument("--size", type=int, default=32, help="image side H = W (images are resized to it)")
     g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip", help="private augmentation: reflect-pad-4 crop, and a horizontal flip (not for digits)")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 0.5 = CPU default, 0.25 = tests")
@@ -88,6 +92,8 @@ def parse_args(argv=None):
     g.add_argument("--prior-steps", type=int, default=200, help="alignment + uniformity steps on random-process images")
     g.add_argument("--prior-batch", type=int, default=128, help="random-process images per step (two views each)")
     g.add_argument("--prior-lr", type=float, default=0.1, help="peak SGD learning rate of phase I")
+    g.add_argument("--build-prior", action="store_true", help="build (or find) the phase I prior for these flags "
+                   "in runs/cache/ and stop: public images only, no DP run")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
     g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
@@ -138,10 +144,10 @@ class WRN(nn.Module):
     """WRN-16-k: a 3x3 stem, three groups of two blocks (widths 16k, 32k, 64k; strides 1, 2, 2), global average
     pooling to D = 64k features, and a linear classifier `head` (zero-initialised, as De et al.)."""
 
-    def __init__(self, width, classes):
+    def __init__(self, width, classes, channels=3):
         super().__init__()
         w = [16, max(4, round(16 * width)), max(4, round(32 * width)), max(4, round(64 * width))]
-        self.stem = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(channels, w[0], 3, 1, 1, bias=False)
         self.blocks = nn.Sequential(*(Block(w[i] if j == 0 else w[i + 1], w[i + 1], (1, 2, 2)[i] if j == 0 else 1)
                                       for i in range(3) for j in range(2)))
         self.norm = norm(w[3])
@@ -157,7 +163,7 @@ class WRN(nn.Module):
             if isinstance(m, nn.Conv2d):  # variance, so each residual branch starts nearly silent
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def features(self, x):  # (B, 3, H, W) in [-1, 1] -> (B, D)
+    def features(self, x):  # (B, C, H, W) in [-1, 1] -> (B, D)
         f = F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
         # Scale-invariant features: a LayerNorm (no parameters) over one example's D features. Average pooling a
         # mostly-background image gives features that differ between examples by a few percent of their size, so the zero
@@ -167,8 +173,8 @@ class WRN(nn.Module):
         f = F.layer_norm(f, f.shape[-1:])
         return (f - self.feat_mean) / self.feat_std
 
-    def forward(self, x):  # -> logits (B, classes)
-        return self.head(self.features(x))
+    def forward(self, x, features_given=False):  # -> logits (B, classes); x: images, or features (B, D)
+        return self.head(x if features_given else self.features(x))
 
 
 def trainable_split(params, buffers, phase):
@@ -196,9 +202,9 @@ def classify_loss(forward, views, labels):
 
 def augment(imgs_uint8, gen, k, flip):
     """K augmented views per example, drawn per example (never mixing examples): a reflect-padded random crop and,
-    for sets where mirroring keeps the label, a horizontal flip. Grey images are repeated to 3 channels, so one
-    prior (learned on colour random processes) serves every dataset. Returns views (B, K, 3, H, W) in [-1, 1]."""
-    x = data.normalize(data.to_rgb(imgs_uint8)).repeat_interleave(k, 0)  # (B*K, 3, H, W)
+    for sets where mirroring keeps the label, a horizontal flip. Channels stay as they are: the model and its prior
+    take the private set's channels (a grey set gets a grey prior). Returns views (B, K, C, H, W) in [-1, 1]."""
+    x = data.normalize(imgs_uint8).repeat_interleave(k, 0)  # (B*K, C, H, W)
     x = data.random_crop(x, pad=4, generator=gen)
     x = data.hflip(x, generator=gen) if flip else x
     return x.view(-1, k, *x.shape[1:])
@@ -305,14 +311,37 @@ def align_uniform_loss(z1, z2, t=2.0):
     return align + (unif(z1) + unif(z2)) / 2
 
 
-def prior_views(imgs_uint8, gen):
+def prior_views(imgs_uint8, gen, channels):
     """Phase I augmentation (stronger than phase II's: contrastive learning needs it): random resized crop, flip
-    and colour jitter. (B, 3, H, W) uint8 -> float in [-1, 1]."""
+    and colour jitter, then the private set's channels (grey: BT.601 luma). (B, 3, H, W) uint8 -> (B, C, H, W)
+    float in [-1, 1]."""
     x = data.random_resized_crop(data.normalize(imgs_uint8), scale=(0.2, 1.0), generator=gen)
-    return data.color_jitter(data.hflip(x, generator=gen), strength=0.4, generator=gen)
+    x = data.color_jitter(data.hflip(x, generator=gen), strength=0.4, generator=gen)
+    return data.to_grey(x) if channels == 1 else x
 
 
-def train_prior(model, args, device, autocast):
+def prior_body(args, channels, device, autocast, rank=0):
+    """Phase I's weights: the body (stem, blocks, norm) of a WRN trained on random-process images alone. A function
+    of its flags only (its own seeds), so it is built once, cached in runs/cache/ under a name made of those flags,
+    and read back by every later run: the cost is public compute, paid once, and no privacy.
+    Returns (body state_dict, cache path, built: True when this call trained it)."""
+    cache = Path("runs/cache") / (f"randp_prior_v2_wrn16-{args.width:g}_c{channels}_s{args.size}_{args.prior_steps}x"
+                                  f"{args.prior_batch}_lr{args.prior_lr}_seed{args.seed}.pt")
+    if cache.exists():
+        return torch.load(cache, map_location=device, weights_only=True), cache, False
+    with torch.random.fork_rng(devices=[]):  # the init from the prior's own seed, whatever ran before
+        torch.manual_seed(30_000 + args.seed)
+        model = WRN(args.width, 10, channels).to(device)  # the head is not kept: any class count will do
+        train_prior(model, args, device, autocast, channels)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "feat_"))}
+    if rank == 0:  # torchrun: every rank trains this public phase (rather than wait idle past the collective
+        cache.parent.mkdir(parents=True, exist_ok=True)  # timeout); rank 0 alone writes the cache
+        torch.save(body, str(cache) + ".tmp")
+        os.replace(str(cache) + ".tmp", cache)
+    return body, cache, True
+
+
+def train_prior(model, args, device, autocast, channels):
     gen = torch.Generator().manual_seed(10_000 + args.seed)
     proj = nn.Linear(model.dim, 128).to(device)  # projection head of phase I only (discarded, as in SimCLR)
     opt = torch.optim.SGD([*model.parameters(), *proj.parameters()], lr=args.prior_lr, momentum=0.9, weight_decay=5e-4)
@@ -321,7 +350,7 @@ def train_prior(model, args, device, autocast):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.prior_steps, args.prior_lr, max(1, args.prior_steps // 20))
         imgs = data.random_process_images(args.prior_batch, args.size, generator=gen)
-        x1, x2 = (prior_views(imgs, gen).to(device) for _ in range(2))
+        x1, x2 = (prior_views(imgs, gen, channels).to(device) for _ in range(2))
         with autocast:
             z1, z2 = (F.normalize(proj(model.features(x)).float(), dim=1) for x in (x1, x2))  # (B, 128)
             loss = align_uniform_loss(z1, z2)
@@ -342,7 +371,7 @@ def accuracy(model, ds, device, batch=500):
     correct = 0
     for i in range(0, len(ds), batch):
         idx = torch.arange(i, min(i + batch, len(ds)))
-        x = data.normalize(data.to_rgb(ds.images(idx))).to(device)
+        x = data.normalize(ds.images(idx)).to(device)
         correct += int((model(x).argmax(1).cpu() == ds.labels[idx]).sum())
     return correct / len(ds)
 
@@ -400,6 +429,10 @@ def main(argv=None):
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
+    if args.build_prior:  # phase I alone: random-process images, in the private set's channels (its only use here)
+        _, cache, built = prior_body(args, private.channels, device, autocast, rank)
+        print(f"phase I: {'built' if built else 'found'} {cache} in {time.time() - t0:.0f}s (public: no privacy cost)")
+        return
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
     if args.physical_batch < 1:  # checked before any training, not after stage 1
         raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
@@ -422,26 +455,14 @@ def main(argv=None):
               "printed holds only while that seed stays secret (for tests that replay a run)")
 
     # --- phase I: the prior from random processes (public), or a random init ---
-    model = WRN(args.width, len(private.classes)).to(device)
+    model = WRN(args.width, len(private.classes), private.channels).to(device)
     t_prior = time.time()
-    if not args.no_prior:  # v2: issue #5's model; a v1 cache has the same tensor shapes and would load silently
-        cache = Path("runs/cache") / (f"randp_prior_v2_wrn16-{args.width:g}_s{args.size}_{args.prior_steps}x{args.prior_batch}"
-                                      f"_lr{args.prior_lr}_seed{args.seed}.pt")
-        if cache.exists():
-            body = torch.load(cache, map_location=device, weights_only=True)
-            print(f"phase I: loaded {cache}")
-        else:
-            # torchrun: every rank trains this public phase (rather than wait idle, past the collective timeout, for
-            # rank 0); rank 0 alone writes the cache, and phase II starts every rank from rank 0's weights
-            train_prior(model, args, device, autocast)
-            body = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "feat_"))}
-            if rank == 0:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(body, str(cache) + ".tmp")
-                os.replace(str(cache) + ".tmp", cache)
-        model.load_state_dict(body, strict=False)  # the body only: the head is new, zero, for this task's classes
+    if not args.no_prior:  # the body only: the head is new, zero, for this task's classes; phase II starts every
+        body, cache, built = prior_body(args, private.channels, device, autocast, rank)  # rank from rank 0's weights
+        model.load_state_dict(body, strict=False)
+        print(f"phase I: {'built' if built else 'loaded'} {cache}")
     gen = torch.Generator().manual_seed(20_000 + args.seed)
-    public = data.random_process_images(2048, args.size, generator=gen)
+    public = data.to_channels(data.random_process_images(2048, args.size, generator=gen), private.channels)
     with torch.no_grad():  # statistics of public images only: no privacy cost
         f = torch.cat([model.features(data.normalize(x).to(device)).float() for x in public.split(256)])
     model.feat_mean.copy_(f.mean(0))
@@ -488,6 +509,13 @@ def main(argv=None):
             dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, classify_loss)
+    probe_grads, load_features = per_example_grads, None
+    if lp_steps > step and args.lp_features == "cached":  # phase II freezes the body, so each example's features
+        with torch.no_grad():  # are computed once, unaugmented: a probe step is then a matmul, not a forward pass
+            feats = torch.cat([model.features(data.normalize(private.images(i)).to(device)).float()
+                               for i in torch.arange(N).split(512)])  # (N, D)
+        probe_grads = make_per_example_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
+        load_features = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
     flip = args.aug == "crop_flip"
     load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device), private.labels[idx].to(device))
 
@@ -517,7 +545,9 @@ def main(argv=None):
             trainable, frozen = trainable_split(params, buffers, phase)
             canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
-                noisy, loss = dp_step(per_example_grads, trainable, frozen, micro_batches, load, clip=args.clip,
+                cached = phase == "linear_probe" and load_features is not None
+                noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen, micro_batches,
+                                      load_features if cached else load, clip=args.clip,
                                       sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
                                       noise_gen=noise_gen, canaries=canaries)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates

@@ -69,6 +69,20 @@ def test_normalize_and_to_rgb():
     assert data.to_rgb(torch.zeros(2, 1, 4, 4)).shape == (2, 3, 4, 4)
 
 
+def test_to_grey_matches_pil_luma():
+    """An independent reference: PIL's RGB -> L conversion (ITU-R 601-2 luma), pixel by pixel."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = data.to_grey(x)
+    assert y.shape == (3, 1, 8, 8) and y.dtype == torch.uint8
+    for i in range(3):
+        ref = np.asarray(Image.fromarray(x[i].permute(1, 2, 0).numpy()).convert("L"))
+        assert np.abs(y[i, 0].numpy().astype(int) - ref.astype(int)).max() <= 1  # PIL rounds in fixed point
+    assert torch.equal(data.to_grey(y), y) and torch.equal(data.to_channels(y, 3), data.to_rgb(y))
+    assert torch.equal(data.to_channels(x, 1), y)
+
+
 # -----------------------------------------------------------------------------
 # random-process priors and the grid picture
 

@@ -56,10 +56,10 @@ def test_group_norm_keeps_examples_apart():
     torch.testing.assert_close(model(x)[:2], model(x[:2]))
 
 
-def test_augment_gives_k_views_and_grey_becomes_rgb():
+def test_augment_gives_k_views_and_keeps_the_channels():
     imgs = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     views = R.augment(imgs, torch.Generator().manual_seed(0), 4, flip=False)
-    assert views.shape == (3, 4, 3, 16, 16) and views.min() >= -1 and views.max() <= 1
+    assert views.shape == (3, 4, 1, 16, 16) and views.min() >= -1 and views.max() <= 1
     assert not torch.equal(views[0, 0], views[0, 1]) or not torch.equal(views[0, 1], views[0, 2])  # views differ
 
 
@@ -124,6 +124,7 @@ def test_prior_is_cached_and_no_prior_is_phase_three_only(smoke):
     cwd, _ = smoke
     r = run_script("randp.py", "--eps", "4", "--steps", "2", "--lp-steps", "1", "--out", "run2", *TINY, cwd=cwd)
     assert r.returncode == 0 and "phase I: loaded" in r.stdout, r.stderr[-3000:]
+    assert "phase I: built" not in r.stdout
     r = run_script("randp.py", "--eps", "4", "--steps", "2", "--no-prior", "--out", "base", *TINY, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((cwd / "base" / "summary.json").read_text())
@@ -178,3 +179,66 @@ def test_resume_of_a_checkpoint_from_before_the_lr_default(smoke, tmp_path):
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("randp.py", *TINY, "--steps", "2", "--lp-steps", "1", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
+
+
+def test_the_prior_builder_is_deterministic_and_cached_by_its_flags(tmp_path):
+    """--build-prior trains phase I alone; the result depends on its flags only, and a second call reads it."""
+    bodies = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        r = run_script("randp.py", "--build-prior", *TINY, cwd=tmp_path / d)
+        assert r.returncode == 0 and "phase I: built" in r.stdout, r.stderr[-3000:]
+        run = tmp_path / d / "runs" / "randp_eps3_s0"  # no DP run: no model, summary, log or checkpoint
+        assert not [f for f in run.glob("*") if f.suffix in (".pt", ".json", ".jsonl")]
+        (cache,) = (tmp_path / d / "runs" / "cache").glob("randp_prior_*_c3_*.pt")
+        bodies.append(torch.load(cache, weights_only=True))
+    assert bodies[0].keys() == bodies[1].keys() and all(torch.equal(bodies[0][k], bodies[1][k]) for k in bodies[0])
+    r = run_script("randp.py", "--build-prior", *TINY, cwd=tmp_path / "a")
+    assert r.returncode == 0 and "phase I: found" in r.stdout
+    r = run_script("randp.py", "--build-prior", *TINY, "--prior-steps", "2", cwd=tmp_path / "a")  # other flags
+    assert r.returncode == 0 and "phase I: built" in r.stdout
+    assert len(list((tmp_path / "a" / "runs" / "cache").glob("randp_prior_*.pt"))) == 2
+
+
+def test_a_grey_set_gets_a_grey_prior():
+    """MNIST-like data (1 channel): the model's stem and the prior's images have one channel, the BT.601 luma of
+    the colour random-process images (data.to_grey); the views' luma equals the colour views' luma."""
+    model = R.WRN(0.25, 10, channels=1)
+    assert model.stem.weight.shape[1] == 1
+    imgs = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    grey = R.prior_views(imgs, torch.Generator().manual_seed(0), 1)
+    colour = R.prior_views(imgs, torch.Generator().manual_seed(0), 3)
+    assert grey.shape == (4, 1, 16, 16)
+    torch.testing.assert_close(grey, (colour * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True))
+    assert model(grey).shape == (4, 10)
+
+
+def test_cached_feature_probe_grads_equal_naive_loop():
+    """Phase II with --lp-features cached: the per-example gradient of the head on fixed features."""
+    model = tiny_model()
+    params, buffers = functional(model)
+    trainable, frozen = R.trainable_split(params, buffers, "linear_probe")
+    x, labels = torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 1, 3, 2])
+    with torch.no_grad():
+        feats = model.features(x)
+    peg = R.make_per_example_grads(model, lambda f, z, y: torch.nn.functional.cross_entropy(f(z, True), y,
+                                                                                            reduction="none"))
+    grads, losses = peg(trainable, frozen, (feats, labels))
+    assert set(grads) == {"head.weight", "head.bias"}
+    for i in range(5):
+        model.zero_grad()
+        loss = R.classify_loss(model, x[i:i + 1, None], labels[i:i + 1])[0]  # through the whole model, K = 1
+        loss.backward()
+        torch.testing.assert_close(losses[i], loss.detach())
+        for k in grads:
+            torch.testing.assert_close(grads[k][i], dict(model.named_parameters())[k].grad, rtol=1e-9, atol=1e-12)
+
+
+def test_cached_feature_probe_runs_end_to_end(smoke, tmp_path):
+    cwd, _ = smoke
+    shutil.copytree(cwd / "runs", tmp_path / "runs")  # the phase I cache
+    r = run_script("randp.py", "--eps", "4", "--steps", "4", "--lp-steps", "2", "--lp-features", "cached",
+                   "--out", "c", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["eps"] <= 4 and s["test_accuracy"] > 0
