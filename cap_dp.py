@@ -660,8 +660,8 @@ def main(argv=None):
     eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
     pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=True, eps=eps_spent, delta=delta, data=private.name, n=n_total, init=earlier["note"],
-                   accountant=accountant.state_dict(), pipeline=pipeline)
+    privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
+                   init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
     torch.save(dict(model=model.state_dict(), privacy=privacy), str(out / "model.pt") + ".tmp")
     os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)

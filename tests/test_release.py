@@ -231,3 +231,13 @@ def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs,
     assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9
     assert [p["script"] for p in s["privacy_pipeline"]] == ["mae_dp.py", script]
     assert s["privacy_pipeline"][0]["eps_alone"] == pytest.approx(first["eps"])
+
+
+def test_a_run_without_noise_is_recorded_as_not_private_and_refused_as_init(two_default_runs, tmp_path):
+    shutil.copytree(two_default_runs / "runs", tmp_path / "runs")  # the ViP-Syn cache
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--debug-no-noise", "--out", "bad", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / "bad" / "model.pt", weights_only=True)["privacy"]["private"] is False
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "bad/model.pt", "--out", "next", *TINY,
+                   cwd=tmp_path)
+    assert r.returncode == 2 and "NOT private" in r.stderr and "Traceback" not in r.stderr
