@@ -338,27 +338,28 @@ def main(argv=None):
     if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = data.load_checkpoint(ckpt_path, flag="--resume", script=Path(__file__).stem)
         changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
         if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
             args.lr = 2.0 if args.no_prior else 1.0
+    # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
+    data.check_flags(args)
+    device = data.pick_device(args.device)
     lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
     if not 0 <= lp_steps < args.steps:
         raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")
-    if args.aug_mult < 1 or args.width <= 0:
-        raise ValueError(f"--aug-mult must be >= 1 and --width > 0, got {args.aug_mult} and {args.width:g}")
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    out.mkdir(parents=True, exist_ok=True)
+    data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
+    if args.resume:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
+        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
 
     # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
     # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
@@ -377,11 +378,11 @@ def main(argv=None):
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
     n_default = 20000 if args.data == "shapes" else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
-    if args.physical_batch < 1:  # checked before any training, not after stage 1
-        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
@@ -464,7 +465,7 @@ def main(argv=None):
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(), phase=phase, ema=ema,
                     rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None)
+                    audit=audit.state_dict() if audit else None, script=Path(__file__).stem)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
