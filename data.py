@@ -763,6 +763,8 @@ def _read_idx(path):
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     nd = raw[3]
+    if not 1 <= nd <= 3:  # MNIST's formats: labels have 1 dimension, images 3
+        raise DataError(f"{path}: IDX header gives {nd} dimensions (expected 1 for labels, 3 for images)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
     body = raw[4 + 4 * nd:]
     if len(body) != math.prod(dims):
@@ -788,6 +790,8 @@ def _load_idx(root, split, size):
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{root}: IDX images {x.shape} and labels {y.shape} do not match")
     fashion = "fashion" in str(root).lower()
+    if y.max(initial=0) >= 10:
+        raise DataError(f"{find('labels-idx1')}: label {int(y.max())} outside the 10 classes 0-9")
     pixels = _resize_pixels(torch.from_numpy(x.copy())[:, None], size)
     return ImageDataset(f"{'fashion-mnist' if fashion else 'mnist'}-{split}", size=size, channels=1, pixels=pixels,
                         labels=torch.from_numpy(y.astype(np.int64)),
@@ -836,6 +840,8 @@ def _load_coco(json_path, size):
     img_dir = next((d for d in (root / stem, root / "images" / stem, root / "images", root) if d.is_dir()), root)
     caps = {}
     for a in anns:
+        if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
+            raise DataError(f"{json_path}: an annotation without image_id and caption ({str(a)[:80]})")
         caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
     ids = sorted(i for i in images if i in caps)
     if not ids:
@@ -1056,6 +1062,28 @@ def _subset(ds, n, seed):
     if hasattr(ds, "all_captions"):
         out.all_captions = [ds.all_captions[i] for i in keep.tolist()]
     return out
+
+
+def check_labels(ds, *, flag):
+    """The number of classes of a labelled set a classifier trains on, or one DataError line naming `flag`: labels
+    outside [0, number of classes), or a single class (an accuracy of 1.0 would mean nothing)."""
+    k = len(ds.classes) if ds.classes else int(ds.labels.max()) + 1
+    if ds.labels.min() < 0 or ds.labels.max() >= k:
+        raise DataError(f"{flag}: labels outside the {k} classes 0-{k - 1} (min {int(ds.labels.min())}, "
+                        f"max {int(ds.labels.max())})")
+    if len(ds.labels.unique()) < 2:
+        raise DataError(f"{flag}: every example has the same label: nothing to classify")
+    return k
+
+
+def check_captions(ds, *, flag):
+    """Captioned data for a text loss: all captions empty is a DataError (nothing to learn from the text); some
+    empty is a warning with their count on stderr (they still train, on BOS and EOS alone)."""
+    empty = sum(not c.strip() for c in ds.captions)
+    if empty == len(ds.captions):
+        raise DataError(f"{flag}: every caption is empty")
+    if empty:
+        print(f"warning: {flag}: {empty} of {len(ds.captions)} captions are empty", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -1314,17 +1342,32 @@ def linear_probe(encode, train, test, *, device, batch=256, steps=200):
         return (head(fte).argmax(1) == test.labels).float().mean().item()
 
 
-if __name__ == "__main__":
-    # python data.py grid KIND OUT.png [N]: a grid of shapes (with captions) or of a random-process kind
-    if len(sys.argv) >= 4 and sys.argv[1] == "grid":
-        kind, out = sys.argv[2], sys.argv[3]
-        count = int(sys.argv[4]) if len(sys.argv) > 4 else 32
-        gen = torch.Generator().manual_seed(0)
+def _grid_main(argv):
+    """python data.py grid KIND OUT.png [N]: a grid of shapes (with captions), of a dataset, or of a random-process
+    kind. Returns the exit code; bad arguments are one `error:` line, exit code 2."""
+    usage = "usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]"
+    if len(argv) not in (3, 4) or argv[0] != "grid":
+        print(usage, file=sys.stderr)
+        return 2
+    kind, out, n_arg = argv[1], Path(argv[2]), argv[3] if len(argv) == 4 else "32"
+    try:
+        if not n_arg.isdigit() or int(n_arg) < 1:
+            raise DataError(f"N must be a whole number >= 1, got {n_arg!r}")
+        count = int(n_arg)
+        if out.is_dir() or not out.parent.is_dir():
+            raise DataError(f"{out}: {'a folder' if out.is_dir() else 'its folder does not exist'}; give a .png path")
         if kind in _GENERATORS:
-            save_grid(_GENERATORS[kind](count, 32, gen), out, scale=2)
+            save_grid(_GENERATORS[kind](count, 32, torch.Generator().manual_seed(0)), out, scale=2)
         else:
             ds = load_dataset(kind, n=count)
-            save_grid(ds.images(torch.arange(count)), out, captions=ds.captions, scale=4, nrow=8)
-        print(f"wrote {out}")
-    else:
-        print("usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]")
+            idx = torch.arange(min(count, len(ds)))
+            save_grid(ds.images(idx), out, captions=ds.captions and [ds.captions[i] for i in idx], scale=4, nrow=8)
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_grid_main(sys.argv[1:]))

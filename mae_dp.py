@@ -403,6 +403,14 @@ def main(argv=None):
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
+    # the probe set is opened before training (its labels are used only after it), so that one the encoder
+    # cannot take fails now rather than after the private run
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
+    if probe_train.labels is None:
+        raise ValueError(f"--probe-data {args.probe_data} has no labels")
+    if probe_train.channels != private.channels:
+        raise ValueError(f"--probe-data {args.probe_data} has {probe_train.channels} channel(s), --data {args.data} "
+                         f"{private.channels}: the encoder takes one kind; give a probe set like the private data")
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
@@ -519,10 +527,7 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
-    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
     probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
-    if probe_train.labels is None:
-        raise ValueError(f"--probe-data {args.probe_data} has no labels")
     encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
     for name, state in (("random_init", random_init), ("vip_syn", syn_init), ("vip", model.encoder.state_dict())):

@@ -382,6 +382,7 @@ def main(argv=None):
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
+    n_classes = data.check_labels(private, flag=f"--data {args.data}")
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
@@ -396,7 +397,7 @@ def main(argv=None):
               "(a deliberately broken run, for testing the audit)")
 
     # --- phase I: the prior from random processes (public), or a random init ---
-    model = WRN(args.width, len(private.classes)).to(device)
+    model = WRN(args.width, n_classes).to(device)
     t_prior = time.time()
     if not args.no_prior:  # v2: issue #5's model; a v1 cache has the same tensor shapes and would load silently
         cache = Path("runs/cache") / (f"randp_prior_v2_wrn16-{args.width:g}_s{args.size}_{args.prior_steps}x{args.prior_batch}"
