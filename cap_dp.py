@@ -49,7 +49,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
     g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")

@@ -19,6 +19,7 @@ Every script imports this file and nothing else for data. It owns:
     python tests/bench.py data                               # generator and loader throughput
     python data.py grid shapes runs/shapes.png               # look at a batch (also: dead_leaves, spectral, shaders)
 """
+import argparse
 import atexit
 import csv
 import gzip
@@ -1108,6 +1109,14 @@ FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test.
     "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' argparse: a bad or unknown flag is one `error:` line, exit code 2, instead of the usage block
+    (--help still prints it). Under torchrun every rank parses alike, so only rank 0 says why."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def check_flags(args):
