@@ -1273,7 +1273,8 @@ def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
     DataError line naming the flag and the file: missing, 0 bytes, a folder, truncated, not a dict (a bare tensor),
     a dict without `keys`, a checkpoint of a script not in `script` (a stem or a tuple of stems), or a pickle that
     holds anything but tensors and plain containers (refused unread: such a file is never loaded, so the message
-    does not offer torch's way round the refusal). keys=() also accepts a bare state_dict (a dict of tensors)."""
+    does not offer torch's way round the refusal). keys=() asks only for weights: a dict with a "model" state_dict,
+    or a bare state_dict (a dict of tensors, e.g. the ViP-Syn cache)."""
     path = Path(path)
     scripts = (script,) if isinstance(script, str) else tuple(script)
     where = f"{flag} {path}"
@@ -1305,7 +1306,8 @@ def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
         raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (no {', '.join(missing)})")
     if not isinstance(ckpt.get("args", {}), dict) or not isinstance(ckpt.get("step", 0), int):
         raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (its args or step have the wrong type)")
-    if not keys and wrote is None and not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    bare = all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if not keys and not isinstance(ckpt.get("model"), dict) and not bare:
         raise DataError(f"{where}: neither a checkpoint of {'/'.join(scripts)}.py nor a state_dict of tensors")
     return ckpt
 

@@ -229,7 +229,7 @@ CASES = [
      "every caption is empty"),
     ("grey-private-rgb-probe", ["mae_dp"], lambda S, s: ["--data", S / "idx_ok", "--out", "new"], "--probe-data"),
     # 10. randp names the flag at fault
-    ("steps-0-no-prior", ["randp"], lambda S, s: [*SHAPES, "--steps", "0", "--out", "new"], "--steps"),
+    ("steps-0-no-prior", ["randp"], lambda S, s: [*SHAPES, "--steps", "0", "--out", "new"], "--steps must be"),
 ]
 TABLE = [pytest.param(script, flags, words, id=f"{script}-{cid}")
          for cid, scripts, flags, words in CASES for script in scripts]
