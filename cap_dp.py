@@ -473,7 +473,8 @@ def main(argv=None):
     data.check_captions(private, flag=f"--data {args.data}")
     # the probe set is opened before training (its labels are used only after it), so that one the encoder
     # cannot take fails now rather than after the private run
-    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n,
+                                    seed=args.seed + 100)
     if probe_train.labels is None:
         raise ValueError(f"--probe-data {args.probe_data} has no labels")
     if probe_train.channels != private.channels:
