@@ -471,10 +471,11 @@ def main(argv=None):
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
     data.check_captions(private, flag=f"--data {args.data}")
-    # the probe set is opened before training (its labels are used only after it), so that one the encoder
-    # cannot take fails now rather than after the private run
+    # the evaluation sets are opened before training (their labels are read only after it), so that one the
+    # encoder cannot take, or a missing test split, fails now rather than after the private run
     probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n,
                                     seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     if probe_train.labels is None:
         raise ValueError(f"--probe-data {args.probe_data} has no labels")
     if probe_train.channels != private.channels:
@@ -589,7 +590,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
-    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
     states = [("random_init", random_init)] + ([("init", init_state)] if args.init != "none" else [])

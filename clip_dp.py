@@ -504,15 +504,20 @@ def main(argv=None):
     data.check_captions(private, flag=f"--data {args.data}")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
-    # the probe set is opened before training (its labels are used only after it), so that one the encoder
-    # cannot take fails now rather than after the private run
+    # the evaluation sets are opened before training (their labels are read only after it), so that one the
+    # encoder cannot take, or a missing test split, fails now rather than after the private run
     probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n,
                                     seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     if probe_train.labels is None or probe_train.classes is None:
         raise ValueError(f"--probe-data {args.probe_data} has no labels and class names")
     if probe_train.channels != private.channels:
         raise ValueError(f"--probe-data {args.probe_data} has {probe_train.channels} channel(s), --data {args.data} "
                          f"{private.channels}: the encoder takes one kind; give a probe set like the private data")
+    held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n,
+                                 seed=args.seed + 200)
+    if held_out.captions is None:
+        raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
@@ -619,10 +624,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---
-    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
-    held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n, seed=args.seed + 200)
-    if held_out.captions is None:
-        raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
     zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
     recall = retrieval(model, held_out, args.text_len, device)
     encoder = build_model(args, private.channels).encoder.to(device).eval()

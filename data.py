@@ -8,7 +8,9 @@ Every script imports this file and nothing else for data. It owns:
 - real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset shards,
   TSV/CSV of path<TAB>caption), all returned as one ImageDataset;
 - Poisson sampling and the logical/physical batch split that DP-SGD's accounting assumes (rule 1);
-- batched torch augmentations and a byte-level tokenizer that reads no data (rule 4).
+- batched torch augmentations and a byte-level tokenizer that reads no data (rule 4);
+- the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
+  device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume.
 
     from data import load_dataset, poisson_batches, normalize
     ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~2 s, cached in memory
@@ -1083,7 +1085,7 @@ def check_captions(ds, *, flag):
     empty = sum(not c.strip() for c in ds.captions)
     if empty == len(ds.captions):
         raise DataError(f"{flag}: every caption is empty")
-    if empty:
+    if empty and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
         print(f"warning: {flag}: {empty} of {len(ds.captions)} captions are empty", file=sys.stderr)
 
 
@@ -1197,8 +1199,8 @@ def claim_out_dir(out, *, resume):
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise DataError(f"--out {out}: another run (pid {pid}) is writing there; wait for it to end, "
-                                f"or pass another --out") from None
+                raise DataError(f"--out {out}: another run (pid {pid}) is writing there; wait for it to end, pass "
+                                f"another --out, or delete {lock} if no run is") from None
             lock.unlink(missing_ok=True)
             continue
         except OSError as e:
@@ -1236,9 +1238,10 @@ def release_out_dirs():
 def trim_metrics(path, *, step):
     """On resume: drop the lines of metrics.jsonl past the checkpoint's step. A log line is written just before
     its checkpoint, so a run killed between the two leaves a line that the resumed run would write again.
-    Lines that are not JSON (a half-written last line) are dropped too. The file is rewritten only if needed."""
+    Lines that are not JSON (a half-written last line) are dropped too. The file is rewritten only if needed, and
+    only by rank 0 under torchrun (the one that writes it)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or os.environ.get("RANK", "0") != "0":
         return
     lines = path.read_text().splitlines(keepends=True)
     keep = []

@@ -403,10 +403,11 @@ def main(argv=None):
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
-    # the probe set is opened before training (its labels are used only after it), so that one the encoder
-    # cannot take fails now rather than after the private run
+    # the evaluation sets are opened before training (their labels are read only after it), so that one the
+    # encoder cannot take, or a missing test split, fails now rather than after the private run
     probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n,
                                     seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     if probe_train.labels is None:
         raise ValueError(f"--probe-data {args.probe_data} has no labels")
     if probe_train.channels != private.channels:
@@ -528,7 +529,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---
-    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
     for name, state in (("random_init", random_init), ("vip_syn", syn_init), ("vip", model.encoder.state_dict())):

@@ -383,6 +383,8 @@ def main(argv=None):
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
     n_classes = data.check_labels(private, flag=f"--data {args.data}")
+    # the test split is opened before training (its labels are read only after it): a missing one fails now
+    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
@@ -514,7 +516,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: the EMA weights, on the test split, once (the report; nothing is chosen with it) ---
-    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
     model.load_state_dict(ema, strict=False)  # parameters only; GroupNorm keeps no running statistics
     acc = accuracy(model, test, device)
     phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),

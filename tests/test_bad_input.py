@@ -144,6 +144,7 @@ def sets(tmp_path_factory):
     torch.save({"model": {}, "step": 2}, d / "no_keys.pt")
     torch.save(torch.zeros(3), d / "tensor.pt")
     torch.save({"x": Payload(d / "PWNED")}, d / "payload.pt")
+    (d / "payload_raw.pt").write_bytes(pickle.dumps(Payload(d / "PWNED"), protocol=4))  # torch warns on protocol 4
     for s in SCRIPTS:
         torch.save(_checkpoint(s), d / f"{s}.pt")
         old = _checkpoint(s)
@@ -182,6 +183,7 @@ CASES = [
     *[(f"resume-{k}", ALL, lambda S, s, k=k: [f"@resume:{k}.pt"], "checkpoint.pt")
       for k in ("truncated", "empty", "folder", "no_keys", "tensor")],
     ("resume-payload", ALL, lambda S, s: ["@resume:payload.pt"], ["refused", "posix.system"]),
+    ("resume-payload-raw", ALL, lambda S, s: ["@resume:payload_raw.pt"], "refused"),
     ("resume-other-script", ALL, lambda S, s: [f"@resume:{other(s)}.pt"], "{other}.py"),
     ("resume-other-script-old", ALL, lambda S, s: [f"@resume:{other(s)}_old.pt"], "{other}.py"),
     # 1. checkpoints, --init (mae_dp, cap_dp, clip_dp start from a mae_dp.py encoder)
@@ -231,6 +233,9 @@ CASES = [
     ("captions-all-empty", ["cap_dp", "clip_dp"], lambda S, s: ["--data", S / "empty_caps.tsv", "--out", "new"],
      "every caption is empty"),
     ("grey-private-rgb-probe", ["mae_dp"], lambda S, s: ["--data", S / "idx_ok", "--out", "new"], "--probe-data"),
+    ("probe-no-test-split", ENCODERS, lambda S, s: [*SHAPES, "--probe-data", S / "folder", "--out", "new"],
+     "no test split"),
+    ("data-no-test-split", ["randp"], lambda S, s: ["--data", S / "folder", "--out", "new"], "no test split"),
     # 10. randp names the flag at fault
     ("steps-0-no-prior", ["randp"], lambda S, s: [*SHAPES, "--steps", "0", "--out", "new"], "--steps must be"),
 ]
@@ -270,6 +275,16 @@ def test_bad_input_is_one_line(script, flags, words, sets, prior, tmp_path):
     assert "weights_only" not in r.stderr  # never suggest loading a checkpoint unsafely
     assert (snapshot(tmp_path), snapshot(sets)) == before  # nothing written, nothing spoiled
     assert not (sets / "PWNED").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_payload_checkpoint_as_a_user_sees_it(script, sets, prior, tmp_path):
+    """The same check in a real process: what reaches the terminal, warnings included, is one line."""
+    (prior / "checkpoint.pt").write_bytes((sets / "payload_raw.pt").read_bytes())
+    before = snapshot(tmp_path)
+    r = run_script(f"{script}.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert_one_line(r, ["--resume", "refused"])
+    assert "weights_only" not in r.stderr and snapshot(tmp_path) == before and not (sets / "PWNED").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
