@@ -175,8 +175,8 @@ def other(script):
 
 
 # Each case: (id, scripts it applies to, flags given S (the set folder) and the script, words the line must hold;
-# "{other}" stands for another script's name).
-# "@resume:<file>" puts <file> at run/checkpoint.pt and resumes the prior run; "@run" resumes it as it is.
+# "{other}" stands for another script's name). "@resume:<file>" puts the set folder's <file> at run/checkpoint.pt
+# and resumes the prior run ("own": a good checkpoint of the script); "@lock": a live process holds run/run.lock.
 ALL, ENCODERS = SCRIPTS, ["mae_dp", "cap_dp", "clip_dp"]
 CASES = [
     # 1. checkpoints, --resume
@@ -195,7 +195,7 @@ CASES = [
     ("out-file", ALL, lambda S, s: [*SHAPES, "--out", S / "caps.tsv"], "--out"),
     ("out-under-file", ALL, lambda S, s: [*SHAPES, "--out", S / "caps.tsv" / "run"], "is a file"),
     ("out-proc", ALL, lambda S, s: [*SHAPES, "--out", "/proc/dp-repr-run"], "--out /proc/dp-repr-run"),
-    ("out-locked", ALL, lambda S, s: ["@run", "@lock"], ["--out", "another run (pid"]),
+    ("out-locked", ALL, lambda S, s: ["@resume:own", "@lock"], ["--out", "another run (pid"]),
     # 3. a new run into a folder that holds one
     ("out-holds-a-run", ALL, lambda S, s: [*SHAPES, "--out", "run"], ["--resume", "--out"]),
     # 5. numeric flags
@@ -245,30 +245,24 @@ TABLE = [pytest.param(script, flags, words, id=f"{script}-{cid}")
 
 @pytest.mark.parametrize("script, flags, words", TABLE)
 def test_bad_input_is_one_line(script, flags, words, sets, prior, tmp_path):
-    argv = [x for x in flags(sets, script)]
+    argv = [str(x) for x in flags(sets, script)]
+    sleeper = None
     if "@lock" in argv:  # a live process holds the lock: the first of two runs on one --out
         sleeper = subprocess.Popen(["sleep", "60"])
         (prior / "run.lock").write_text(f"{sleeper.pid}\n")
-    for x in [x for x in argv if isinstance(x, str) and x.startswith("@")]:
-        if x.startswith("@resume:"):
-            ck = sets / x.split(":", 1)[1]
-            if ck.is_dir():
-                (prior / "checkpoint.pt").mkdir()
-            else:
-                (prior / "checkpoint.pt").write_bytes(ck.read_bytes())
-        elif x == "@run":
-            torch.save(_checkpoint(script), prior / "checkpoint.pt")
-    resume = any(isinstance(x, str) and x.startswith(("@resume", "@run")) for x in argv)
-    argv = [x for x in argv if not (isinstance(x, str) and x.startswith("@"))]
-    if resume:
-        argv = ["--out", "run", "--resume"]
-    else:
-        argv = [*TINY[script], *argv]
+    resume = next((a.split(":", 1)[1] for a in argv if a.startswith("@resume:")), None)
+    if resume == "own":  # the prior run's own, good checkpoint
+        torch.save(_checkpoint(script), prior / "checkpoint.pt")
+    elif resume and (sets / resume).is_dir():
+        (prior / "checkpoint.pt").mkdir()
+    elif resume:
+        (prior / "checkpoint.pt").write_bytes((sets / resume).read_bytes())
+    argv = ["--out", "run", "--resume"] if resume else [*TINY[script], *argv]
     before = snapshot(tmp_path), snapshot(sets)
     try:
         r = run_main(f"{script}.py", *argv, cwd=tmp_path)
     finally:
-        if "@lock" in [x for x in flags(sets, script)]:
+        if sleeper:
             sleeper.kill()
             sleeper.wait()
     assert_one_line(r, [w.format(other=other(script)) for w in ([words] if isinstance(words, str) else words)])
