@@ -1094,19 +1094,19 @@ def check_captions(ds, *, flag):
 # Each script calls these at the same place with the same lines, so that bad input ends in one `error:` line
 # (the scripts' __main__ turns DataError and ValueError into it, exit code 2) before anything is read or written.
 
-_FINITE = lambda lo: (f">= {lo}", lambda v: lo <= v < math.inf)
+_at_least = lambda lo: (f">= {lo}", lambda v: lo <= v < math.inf)
 FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes
     "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
     "delta": ("in (0, 1)", lambda v: 0 < v < 1),
     "clip": ("finite and > 0", lambda v: 0 < v < math.inf),
     "width": ("finite and > 0", lambda v: 0 < v < math.inf),
     **{k: ("finite and > 0", lambda v: 0 < v < math.inf) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
-    "wd": _FINITE(0),
+    "wd": _at_least(0),
     **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
-    **{k: _FINITE(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "probe_n",
+    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "probe_n",
                                 "zero_shot_n", "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult",
                                 "log_every")},
-    **{k: _FINITE(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
+    **{k: _at_least(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
     **{k: (">= 2 (BOS and EOS)", lambda v: 2 <= v < math.inf) for k in ("max_len", "text_len")},
     "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
@@ -1156,12 +1156,13 @@ _LOCKS = []  # lock files this process holds, removed by release_out_dirs at exi
 
 
 def _alive(pid):
+    """Whether process `pid` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
-        return True
+    except PermissionError:
+        pass
     return True
 
 
@@ -1172,7 +1173,8 @@ def claim_out_dir(out, *, resume):
     into a folder that already holds one (RUN_FILES): it would append to its metrics and overwrite its checkpoint.
     Then takes <out>/run.lock holding this pid, so a second run on the same --out refuses instead of interleaving
     metrics.jsonl and racing on checkpoint.pt.tmp; a lock whose process is gone is taken over. The lock is removed
-    at exit (release_out_dirs). Under torchrun only rank 0 writes to --out, so only it takes the lock."""
+    at exit (release_out_dirs; a process killed by a signal leaves it, to be taken over). Under torchrun only
+    rank 0 writes to --out, so only it takes the lock."""
     out = Path(out)
     for p in [out, *out.parents]:
         if p.exists() and not p.is_dir():
@@ -1207,25 +1209,13 @@ def claim_out_dir(out, *, resume):
             raise DataError(f"--out {out}: cannot write there ({_why(e)})") from None
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
-        if not _LOCKS:
-            atexit.register(release_out_dirs)
         _LOCKS.append(lock)
         return
     raise DataError(f"--out {out}: cannot take {lock}")
 
 
-def load_weights(module, state, *, where):
-    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size) is one DataError
-    line naming `where` (e.g. "--init PATH") instead of torch's many lines."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(f"{where}: weights do not fit this model; pass the --model, --patch and --size of the run "
-                        f"that wrote them ({_why(e)[:200]})") from None
-
-
 def release_out_dirs():
-    """Remove the lock files this process took (registered with atexit by claim_out_dir)."""
+    """Remove the lock files this process took with claim_out_dir (run at exit)."""
     while _LOCKS:
         lock = _LOCKS.pop()
         try:
@@ -1233,6 +1223,9 @@ def release_out_dirs():
                 lock.unlink()
         except (OSError, ValueError):
             pass
+
+
+atexit.register(release_out_dirs)
 
 
 def trim_metrics(path, *, step):
@@ -1250,7 +1243,8 @@ def trim_metrics(path, *, step):
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= step and line.endswith("\n"):
+        whole = line.endswith("\n") and isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        if whole and rec["step"] <= step:
             keep.append(line)
     if keep != lines:
         tmp = path.with_name(path.name + ".tmp")
@@ -1314,6 +1308,15 @@ def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
         raise DataError(f"{where}: neither a checkpoint of {'/'.join(scripts)}.py nor a state_dict of tensors")
     return ckpt
 
+
+def load_weights(module, state, *, where):
+    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size) is one DataError
+    line naming `where` (e.g. "--init PATH") instead of torch's many lines."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{where}: weights do not fit this model; pass the --model, --patch and --size of the run "
+                        f"that wrote them ({_why(e)[:200]})") from None
 
 
 # -----------------------------------------------------------------------------
