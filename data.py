@@ -1041,7 +1041,10 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     path = Path(path_or_name).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (use 'shapes' or a path to a dataset)")
-    ds = _detect(path, split, size)
+    try:
+        ds = _detect(path, split, size)
+    except OSError as e:  # a folder that cannot be listed or read (permissions, /proc)
+        raise DataError(f"{path}: cannot read ({_why(e)})") from None
     if n is not None:
         ds = _subset(ds, int(n), seed)
     return ds
@@ -1103,9 +1106,9 @@ FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test.
     **{k: ("finite and > 0", lambda v: 0 < v < math.inf) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
     "wd": _at_least(0),
     **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
-    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "probe_n",
-                                "zero_shot_n", "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult",
-                                "log_every")},
+    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "zero_shot_n",
+                                 "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult", "log_every")},
+    "probe_n": (">= 2 (the probe standardises features over its examples)", lambda v: 2 <= v < math.inf),
     **{k: _at_least(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
     **{k: (">= 2 (BOS and EOS)", lambda v: 2 <= v < math.inf) for k in ("max_len", "text_len")},
     "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),

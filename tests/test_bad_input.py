@@ -206,7 +206,7 @@ CASES = [
                    ("--seed", "-1"), ("--audit", "-1"), ("--steps", "two"), ("--bogus", "1"))],
     ("flag--eps=-inf", ALL, lambda S, s: [*SHAPES, "--eps=-inf", "--out", "run"], "--eps"),
     *[(f"flag{f}={v}", ENCODERS, lambda S, s, f=f, v=v: [*SHAPES, f, v, "--out", "run"], f)
-      for f, v in (("--patch", "0"), ("--probe-n", "0"), ("--wd", "inf"), ("--wd", "-1"))],
+      for f, v in (("--patch", "0"), ("--probe-n", "1"), ("--wd", "inf"), ("--wd", "-1"))],
     *[(f"flag{f}={v}", ["mae_dp"], lambda S, s, f=f, v=v: [*SHAPES, f, v, "--out", "run"], f)
       for f, v in (("--mask-ratio", "1"), ("--mask-ratio", "-0.1"), ("--syn-lr", "nan"))],
     *[(f"flag{f}={v}", ["randp"], lambda S, s, f=f, v=v: [*SHAPES, f, v, "--out", "run"], f)
@@ -226,6 +226,7 @@ CASES = [
     *([("device-cuda", ALL, lambda S, s: [*SHAPES, "--device", "cuda", "--out", "new"], "--device cuda")]
       if not torch.cuda.is_available() else []),
     # 7. data
+    ("data-unreadable", ALL, lambda S, s: ["--data", "/proc", "--out", "new"], "/proc"),  # not listable as a whole
     ("coco-no-caption", ALL, lambda S, s: ["--data", S / "coco.json", "--out", "new"], "coco.json"),
     ("idx-label-12", ALL, lambda S, s: ["--data", S / "idx_label", "--out", "new"], "train-labels-idx1-ubyte"),
     ("idx-255-dims", ALL, lambda S, s: ["--data", S / "idx_dims", "--out", "new"], "train-images-idx3-ubyte"),
