@@ -753,6 +753,9 @@ def main(argv=None):
                 raise ValueError("give --q or --batch-size with --n, not both")
             if not 0 < args.batch_size <= args.n:
                 raise ValueError(f"need 0 < --batch-size <= --n, got {args.batch_size} and {args.n}")
+            if args.delta >= 1 / args.n:  # as dp_sgd_plan refuses it: delta >= 1/N allows releasing an example
+                raise ValueError(f"--delta {args.delta:g} must be < 1/N = {1 / args.n:.3g} (N={args.n}): give a "
+                                 f"smaller --delta")
             args.q = args.batch_size / args.n
         if args.q is None:
             raise ValueError("give --q, or --batch-size with --n")

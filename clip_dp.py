@@ -68,7 +68,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
     g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
@@ -466,7 +466,7 @@ def load_encoder(encoder, path, device):
     state_dict (the ViP-Syn cache, runs/cache/vip_syn_*.pt); its "encoder.*" keys, loaded strictly."""
     if not Path(path).is_file():
         raise ValueError(f"--init {path}: no such file (use 'none' or a mae_dp.py checkpoint path)")
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = data.load_checkpoint(path, flag="--init", script=("mae_dp", "clip_dp"), keys=())
     state = state.get("model", state)
     state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     try:
@@ -484,21 +484,24 @@ def main(argv=None):
     if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = data.load_checkpoint(ckpt_path, flag="--resume", script=Path(__file__).stem)
         changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+    # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
+    data.check_flags(args)
+    device = data.pick_device(args.device)
     args.patch = args.patch or {"xs": 8, "small": 4}.get(args.model, 16)
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    out.mkdir(parents=True, exist_ok=True)
+    data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
+    if args.resume:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
+        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
 
     # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
     # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
@@ -515,18 +518,29 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
 
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
-    if args.micro_batch < 2:
-        raise ValueError(f"--micro-batch must be >= 2 (a contrastive loss needs another pair to contrast), got {args.micro_batch}")
-    if args.text_len < 2:
-        raise ValueError(f"--text-len must be >= 2 (BOS and EOS), got {args.text_len}")
     n_default = 20000 if args.data == "shapes" else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
+    data.check_captions(private, flag=f"--data {args.data}")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
-    if args.physical_batch < 1:  # checked before any training, not after stage 1
-        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
+    # the evaluation sets are opened before training (their labels are read only after it), so that one the
+    # encoder cannot take, or a missing test split, fails now rather than after the private run
+    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n,
+                                    seed=args.seed + 100)
+    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
+    if probe_train.labels is None or probe_train.classes is None:
+        raise ValueError(f"--probe-data {args.probe_data} has no labels and class names")
+    if probe_train.channels != private.channels:
+        raise ValueError(f"--probe-data {args.probe_data} has {probe_train.channels} channel(s), --data {args.data} "
+                         f"{private.channels}: the encoder takes one kind; give a probe set like the private data")
+    held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n,
+                                 seed=args.seed + 200)
+    if held_out.captions is None:
+        raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
@@ -535,10 +549,8 @@ def main(argv=None):
     if args.resume:
         earlier = ckpt.get("init", earlier)
     elif args.init not in ("none",):
-        if not Path(args.init).is_file():
-            raise ValueError(f"--init {args.init}: no such file")
-        earlier = init_prior(torch.load(args.init, map_location="cpu", weights_only=True), path=args.init,
-                             disjoint=args.init_data_disjoint)
+        earlier = init_prior(data.load_checkpoint(args.init, flag="--init", script=("mae_dp", "clip_dp"), keys=()),
+                             path=args.init, disjoint=args.init_data_disjoint)
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps,
                        prior=earlier["prior"])
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
@@ -615,7 +627,7 @@ def main(argv=None):
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(),
                     rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None, init=earlier)
+                    audit=audit.state_dict() if audit else None, init=earlier, script=Path(__file__).stem)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
@@ -663,13 +675,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---
-    probe_train = data.load_dataset(args.probe_data, split="train", size=args.size, n=args.probe_n, seed=args.seed + 100)
-    probe_test = data.load_dataset(args.probe_data, split="test", size=args.size, n=2000, seed=args.seed + 100)
-    if probe_train.labels is None or probe_train.classes is None:
-        raise ValueError(f"--probe-data {args.probe_data} has no labels and class names")
-    held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n, seed=args.seed + 200)
-    if held_out.captions is None:
-        raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
     zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
     recall = retrieval(model, held_out, args.text_len, device)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
@@ -695,7 +700,8 @@ def main(argv=None):
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
     privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
                    init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
-    torch.save(dict(model=model.state_dict(), privacy=privacy), str(out / "model.pt") + ".tmp")
+    release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
+    torch.save(release, str(out / "model.pt") + ".tmp")
     os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)

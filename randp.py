@@ -56,7 +56,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
     g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
@@ -388,27 +388,28 @@ def main(argv=None):
     if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = data.load_checkpoint(ckpt_path, flag="--resume", script=Path(__file__).stem)
         changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
         if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
             args.lr = 2.0 if args.no_prior else 1.0
+    # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
+    data.check_flags(args)
+    device = data.pick_device(args.device)
     lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
     if not 0 <= lp_steps < args.steps:
         raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")
-    if args.aug_mult < 1 or args.width <= 0:
-        raise ValueError(f"--aug-mult must be >= 1 and --width > 0, got {args.aug_mult} and {args.width:g}")
 
     # --- seeding and run naming (identical in every script) ---
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    out.mkdir(parents=True, exist_ok=True)
+    data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
+    if args.resume:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
+        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
 
     # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
     # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
@@ -427,15 +428,18 @@ def main(argv=None):
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
     n_default = 20000 if args.data == "shapes" else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
+    n_classes = data.check_labels(private, flag=f"--data {args.data}")
     if args.build_prior:  # phase I alone: random-process images, in the private set's channels (its only use here)
         _, cache, built = prior_body(args, private.channels, device, autocast, rank)
         print(f"phase I: {'built' if built else 'found'} {cache} in {time.time() - t0:.0f}s (public: no privacy cost)")
         return
+    # the test split is opened before training (its labels are read only after it): a missing one fails now
+    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
     # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
-    if args.physical_batch < 1:  # checked before any training, not after stage 1
-        raise ValueError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
@@ -455,7 +459,7 @@ def main(argv=None):
               "printed holds only while that seed stays secret (for tests that replay a run)")
 
     # --- phase I: the prior from random processes (public), or a random init ---
-    model = WRN(args.width, len(private.classes), private.channels).to(device)
+    model = WRN(args.width, n_classes, private.channels).to(device)
     t_prior = time.time()
     if not args.no_prior:  # the body only: the head is new, zero, for this task's classes; phase II starts every
         body, cache, built = prior_body(args, private.channels, device, autocast, rank)  # rank from rank 0's weights
@@ -528,7 +532,7 @@ def main(argv=None):
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
                     accountant=accountant.state_dict(), phase=phase, ema=ema,
                     rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None, init=earlier)
+                    audit=audit.state_dict() if audit else None, init=earlier, script=Path(__file__).stem)
         torch.save(ckpt, str(ckpt_path) + ".tmp")
         os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
 
@@ -584,7 +588,6 @@ def main(argv=None):
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
 
     # --- evaluation: the EMA weights, on the test split, once (the report; nothing is chosen with it) ---
-    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
     model.load_state_dict(ema, strict=False)  # parameters only; GroupNorm keeps no running statistics
     acc = accuracy(model, test, device)
     phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),
@@ -601,7 +604,8 @@ def main(argv=None):
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
     privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
                    init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
-    torch.save(dict(model=model.state_dict(), privacy=privacy), str(out / "model.pt") + ".tmp")
+    release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
+    torch.save(release, str(out / "model.pt") + ".tmp")
     os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)

@@ -233,7 +233,6 @@ def test_bad_flags_raise_one_line_errors(tmp_path, monkeypatch, flags, words):
 
 
 @pytest.mark.parametrize("flags, words", [  # as a user sees them: the script's handler, one line, exit code 2
-    (["--micro-batch", "1"], "--micro-batch"),
     (["--eps", "0"], "eps"),
     (["--data", "/no/such/path"], "/no/such/path"),
     (["--init", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),

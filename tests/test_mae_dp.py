@@ -192,7 +192,6 @@ def test_resume_continues_step_and_epsilon(smoke, tmp_path):
     (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
     (["--batch-size", "301"], "batch"),
     (["--data", "/no/such/path"], "/no/such/path"),
-    (["--physical-batch", "0"], "--physical-batch"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("mae_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)

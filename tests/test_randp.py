@@ -173,7 +173,6 @@ def test_resume_of_a_checkpoint_from_before_the_lr_default(smoke, tmp_path):
     (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
     (["--batch-size", "301"], "batch"),
     (["--lp-steps", "2"], "--lp-steps"),  # not fewer than --steps 2
-    (["--aug-mult", "0"], "aug-mult"),
     (["--data", "/no/such/path"], "/no/such/path"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):

@@ -63,7 +63,7 @@ def test_the_secret_seeds_stay_in_the_checkpoint(two_default_runs):
     released = (run / "summary.json").read_text() + (run / "metrics.jsonl").read_text()
     assert not any(str(s) in released for s in seeds)
     model = torch.load(run / "model.pt", weights_only=True)
-    assert set(model) == {"model", "privacy"}  # no generator state, no optimizer, no args
+    assert set(model) == {"model", "privacy", "script"}  # no generator state, no optimizer, no args
     assert all(torch.equal(v, ck["model"][k]) for k, v in model["model"].items())
     assert model["privacy"]["eps"] == pytest.approx(json.loads((run / "summary.json").read_text())["eps"])
 
