@@ -455,7 +455,8 @@ def main(argv=None):
         changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        args = argparse.Namespace(**{**ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+        defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
+        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True, "device": args.device})
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
     data.check_flags(args)
     device = data.pick_device(args.device)
@@ -563,7 +564,7 @@ def main(argv=None):
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)  # DP noise
     step = 0
     if args.resume:
-        model.load_state_dict(ckpt["model"])
+        data.load_weights(model, ckpt["model"], where=f"--resume {ckpt_path}")
         opt.load_state_dict(ckpt["optimizer"])
         accountant.load_state_dict(ckpt["accountant"])
         if audit:

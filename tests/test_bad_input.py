@@ -399,3 +399,24 @@ def test_resume_after_a_kill_between_log_and_checkpoint(script, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_of_an_older_or_a_damaged_checkpoint(script, tmp_path):
+    r = run_main(f"{script}.py", *TINY[script], *SHAPES, "--out", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ck["args"]["steps"] = 3
+    del ck["args"]["log_private"]  # written before that flag existed: the resumed run takes its default
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_main(f"{script}.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ck["args"]["steps"] = 4
+    name = next(iter(ck["model"]))
+    ck["model"][name] = torch.zeros(7, 7, 7)  # a tensor that does not fit the model
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    before = snapshot(tmp_path / "run")
+    r = run_main(f"{script}.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert_one_line(r, "--resume")
+    assert snapshot(tmp_path / "run") == before
