@@ -1056,7 +1056,8 @@ def _detect(path, split, size):
 
 
 def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
-    """"shapes" (embedded) or a path to real data (format detected) -> ImageDataset.
+    """"shapes" (embedded), "shapes-grey" (the same, 1 channel, no captions) or a path to real data (format
+    detected) -> ImageDataset.
 
     Formats: CIFAR-10/100 pickles (folder or .tar.gz), MNIST/Fashion-MNIST IDX (raw or .gz; 1 channel), image
     folders (root[/train|test]/<class>/*.jpg), COCO (annotations/captions_<split>*.json + images; one example per
@@ -1068,6 +1069,10 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     """
     if path_or_name == "shapes":
         return shapes(split, size=size, n=n, seed=seed)
+    if path_or_name == "shapes-grey":  # the same scenes as BT.601 luma: a public proxy for grey sets (MNIST-like);
+        ds = shapes(split, size=size, n=n, seed=seed)  # labels only, as the captions name colours
+        return ImageDataset(f"shapes-grey-{split}", size=size, channels=1, pixels=to_grey(ds.images(range(len(ds)))),
+                            labels=ds.labels, classes=ds.classes)
     if size < 1:
         raise DataError(f"size must be positive, got {size}")
     path = Path(path_or_name).expanduser()

@@ -421,7 +421,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
 
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
-    n_default = 20000 if args.data == "shapes" else None
+    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")

@@ -69,6 +69,14 @@ def test_normalize_and_to_rgb():
     assert data.to_rgb(torch.zeros(2, 1, 4, 4)).shape == (2, 3, 4, 4)
 
 
+def test_shapes_grey_is_the_luma_of_shapes():
+    colour, grey = load_dataset("shapes", split="test", n=50, seed=1), load_dataset("shapes-grey", split="test", n=50,
+                                                                                      seed=1)
+    assert grey.channels == 1 and grey.name == "shapes-grey-test" and grey.captions is None
+    assert torch.equal(grey.images(range(50)), data.to_grey(colour.images(range(50))))
+    assert torch.equal(grey.labels, colour.labels)
+
+
 def test_to_grey_matches_pil_luma():
     """An independent reference: PIL's RGB -> L conversion (ITU-R 601-2 luma), pixel by pixel."""
     from PIL import Image
