@@ -489,7 +489,8 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
-        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
+                                     "device": args.device})
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
     data.check_flags(args)
     device = data.pick_device(args.device)

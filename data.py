@@ -120,8 +120,9 @@ def to_rgb(x):
 
 def to_grey(x):
     """[B, 3, H, W] -> [B, 1, H, W]: luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, as PIL's "L"), rounded
-    for uint8, exact for float (in [-1, 1] too: the map is linear, weights summing to 1); 1 channel returned as is. Random-process images go through it when the private set is grey,
-    so a prior sees the kind of input it will be fine-tuned on."""
+    for uint8, exact for float (in [-1, 1] too: the map is linear, weights summing to 1); 1 channel returned as is.
+    Random-process images go through it when the private set is grey, so a prior sees the kind of input it will be
+    fine-tuned on."""
     if x.shape[1] == 1:
         return x
     y = (x.float() * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)

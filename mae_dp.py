@@ -391,7 +391,8 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
-        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
+                                     "device": args.device})
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
     data.check_flags(args)
     device = data.pick_device(args.device)
@@ -563,7 +564,7 @@ def main(argv=None):
                 eps_now = accountant.epsilon(delta)
                 # released or public values only: the loss and the realised batch size read the private data
                 # (the batch size counts the sampling coins), so they are logged only with --log-private
-                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # on every rank: a collective under torchrun
+                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # a collective: every rank
                 update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
                 rec = dict(step=step, eps=eps_now, lr=opt.param_groups[0]["lr"], time=time.time() - t0,
                            noisy_grad_norm=float(torch.stack(update).norm()))

@@ -393,7 +393,8 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
-        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True, "device": args.device})
+        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
+                                     "device": args.device})
         if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
             args.lr = 2.0 if args.no_prior else 1.0
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
@@ -571,7 +572,7 @@ def main(argv=None):
                 eps_now = accountant.epsilon(delta)
                 # released or public values only: the loss and the realised batch size read the private data
                 # (the batch size counts the sampling coins), so they are logged only with --log-private
-                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # on every rank: a collective under torchrun
+                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # a collective: every rank
                 update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
                 rec = dict(step=step, phase=phase, eps=eps_now, lr=opt.param_groups[0]["lr"], time=time.time() - t0,
                            noisy_grad_norm=float(torch.stack(update).norm()))
@@ -621,7 +622,8 @@ def main(argv=None):
               (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
                if audit_result["saturated"] else ""))
     print(f"test accuracy (EMA weights, {test.name}, n={len(test)}): {acc:.4f}")
-    print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt{'' if args.no_prior else ', priors.png'} in {time.time() - t0:.0f}s")
+    print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt{'' if args.no_prior else ', priors.png'} "
+          f"in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
