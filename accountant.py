@@ -405,14 +405,16 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None):
 
     n examples, an expected logical batch of batch_size, `steps` logical steps: q = batch_size / n (Poisson
     sampling), delta = 1 / (2n) unless given (it must be < 1/n: a larger delta allows a mechanism that publishes
-    one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps.
+    one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps. target_eps = inf is
+    the non-private reference: sigma = 0 (the accountant then reports eps = inf), q and delta as above.
     Returns {"q", "sigma", "delta", "n", "steps", "batch_size"}; bad values raise a one-line ValueError.
 
     >>> p = dp_sgd_plan(target_eps=3.0, n=60000, batch_size=256, steps=14063)
     >>> p["q"] == 256 / 60000, p["delta"] == 1 / 120000, round(p["sigma"], 3)
     (True, True, 1.019)
     """
-    target_eps = _check_eps(target_eps)
+    non_private = target_eps == math.inf  # --eps inf: the reference run without DP, same q; sigma 0 means eps inf
+    target_eps = target_eps if non_private else _check_eps(target_eps)
     steps = _check_steps(steps)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"the dataset must hold at least one example, got N={n}")
@@ -426,7 +428,7 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None):
     if delta >= 1 / n:
         raise ValueError(f"--delta {delta:g} must be < 1/N = {1 / n:.3g} (N={n})")
     q = batch_size / n
-    sigma = calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta)
+    sigma = 0.0 if non_private else calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta)
     return {"q": q, "sigma": sigma, "delta": delta, "n": int(n), "steps": steps, "batch_size": int(batch_size)}
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
@@ -51,7 +51,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
@@ -329,6 +329,39 @@ def all_ranks_sum(x):
     return t.item()
 
 
+# --- the non-private reference (--eps inf): the same sample and divisor as dp_step, without clipping or noise ---
+
+
+def make_batch_grad(model, loss_fn):
+    """Returns f(params, buffers, batch, mask) -> (gradient of the masked sum of losses {name: shape}, losses (B,)):
+    one backward pass over the whole batch, no per-example gradients, since nothing is clipped."""
+
+    def total(params, buffers, batch, mask):
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        losses = loss_fn(f, *batch)  # (B,)
+        return (losses * mask.to(losses)).sum(), losses.detach()
+
+    return grad(total, has_aux=True)
+
+
+def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+    """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
+    differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        grads, losses = batch_grad(params, buffers, load(idx), mask)
+        for k, g in grads.items():
+            summed[k] += g
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    if dist.is_initialized():
+        for s in summed.values():
+            dist.all_reduce(s)
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in summed.items()}, loss_sum / max(count, 1)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
     if step < warmup:
@@ -472,14 +505,21 @@ def main(argv=None):
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
     if args.debug_no_noise:
         print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
               "(a deliberately broken run, for testing the audit)")
+    if not is_private:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
     batch_size = args.batch_size
+    if args.tan_batch and not is_private:
+        raise ValueError("--tan-batch simulates a DP run's noise; --eps inf has none")
     if args.tan_batch:  # TAN: same sigma/B (noise per update) with a batch B' < B; q' = B'/N from the accountant
         if args.tan_batch > args.batch_size:
             raise ValueError(f"--tan-batch {args.tan_batch} must be at most --batch-size {args.batch_size}")
@@ -523,6 +563,7 @@ def main(argv=None):
             dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, caption_loss)
+    batch_grad = None if is_private else make_batch_grad(model, caption_loss)
     # No augmentation: the captions name colours and positions ("at the top left"), which a flip or crop would
     # make false. aug_gen stays, unused, so the seeding and checkpoint code is the same as in every script.
     load = lambda idx: (data.normalize(private.images(idx)).to(device), tokens[idx].to(device))
@@ -550,9 +591,12 @@ def main(argv=None):
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
-                noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
-                                      sigma=0.0 if args.debug_no_noise else sigma, expected_batch=batch_size,
-                                      noise_gen=noise_gen, canaries=canaries)
+                if is_private:
+                    noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
+                                          sigma=0.0 if args.debug_no_noise else sigma, expected_batch=batch_size,
+                                          noise_gen=noise_gen, canaries=canaries)
+                else:  # NOT private: the same sample, unclipped and unnoised
+                    noisy, loss = plain_step(batch_grad, params, buffers, micro_batches, load, expected_batch=batch_size)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -593,7 +637,7 @@ def main(argv=None):
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
     refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
-    summary = dict(method="DP-Cap (cap_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+    summary = dict(method="DP-Cap (cap_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=batch_size, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, probe_accuracy_not_private=acc,
                    zero_shot_accuracy_not_private=zs, zero_shot_chance=1 / len(probe_test.classes),
@@ -604,7 +648,8 @@ def main(argv=None):
             "TAN simulation: eps above is that of this run (batch B', sigma*B'/B), NOT of the simulated run"))
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})" +
+          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
@@ -70,7 +70,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
     g.add_argument("--batch-size", type=int, default=2048, help="expected logical batch B (Poisson rate q = B/N)")
@@ -355,6 +355,39 @@ def all_ranks_sum(x):
     return t.item()
 
 
+# --- the non-private reference (--eps inf): the same sample and divisor as dp_step, without clipping or noise ---
+
+
+def make_batch_grad(model, loss_fn):
+    """Returns f(params, buffers, batch, mask) -> (gradient of the masked sum of losses {name: shape}, losses (B,)):
+    one backward pass over the whole batch, no per-example gradients, since nothing is clipped."""
+
+    def total(params, buffers, batch, mask):
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        losses = loss_fn(f, *batch)  # (B,)
+        return (losses * mask.to(losses)).sum(), losses.detach()
+
+    return grad(total, has_aux=True)
+
+
+def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+    """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
+    differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        grads, losses = batch_grad(params, buffers, load(idx), mask)
+        for k, g in grads.items():
+            summed[k] += g
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    if dist.is_initialized():
+        for s in summed.values():
+            dist.all_reduce(s)
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in summed.items()}, loss_sum / max(count, 1)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
     if step < warmup:
@@ -363,12 +396,13 @@ def lr_at(step, total, peak, warmup):
 
 
 def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, sigma, per_call, noise_gen,
-                     canaries=None, shard=(0, 1)):
+                     canaries=None, shard=(0, 1), batch_grad=None):
     """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
     members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
     those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss).
     shard=(rank, world), for torchrun: every rank holds the whole step's micro-batches and computes rank, rank +
-    world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step."""
+    world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step.
+    batch_grad (from make_batch_grad): --eps inf, the same micro-batches through plain_step, unclipped and unnoised."""
     K = members.shape[0]
     members, pair_mask = members[shard[0]::shard[1]], pair_mask[shard[0]::shard[1]]
     sizes = pair_mask.sum(1)  # (K,)
@@ -382,6 +416,8 @@ def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, loa
         M = max(2, int(sizes[ids].max()))  # real pairs come first in each row: columns after M are all padding
         return load_pairs(members[ids, :M], pair_mask[ids, :M])
 
+    if batch_grad is not None:  # NOT private
+        return plain_step(batch_grad, params, buffers, calls, load, expected_batch=K)
     # sensitivity 2C (module docstring): noise sigma * 2C on the sum; divide by K, the micro-batches per step
     return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, sigma=2 * sigma, expected_batch=K,
                    noise_gen=noise_gen, canaries=canaries)
@@ -507,8 +543,11 @@ def main(argv=None):
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
     if K < world:  # torchrun: every rank computes at least one micro-batch
         raise ValueError(f"--batch-size / --micro-batch gives K={K} micro-batches per step, fewer than the {world} processes")
@@ -518,6 +557,8 @@ def main(argv=None):
         print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
               "(a deliberately broken run, for testing the audit)")
     print(f"micro-batches: K={K} per step of about m={args.batch_size / K:.1f} pairs; noise sigma*2C={2 * sigma * args.clip:.4f} on their sum")
+    if not is_private:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
 
     # --- initialisation: random, or the image encoder of a mae_dp.py run ---
     model = build_model(args, private.channels).to(device)
@@ -554,6 +595,7 @@ def main(argv=None):
             dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
+    batch_grad = None if is_private else make_batch_grad(model, clip_loss)
     tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
     load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, private.channels, args.size, args.size).to(device),
                                     tokens[idx].to(device), mask.to(device))
@@ -584,7 +626,7 @@ def main(argv=None):
                 noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
                                                clip=args.clip, sigma=0.0 if args.debug_no_noise else sigma,
                                                per_call=per_call, noise_gen=noise_gen, canaries=canaries,
-                                               shard=(rank, world))
+                                               shard=(rank, world), batch_grad=batch_grad)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -629,7 +671,7 @@ def main(argv=None):
     k = 16  # zero-shot.png: test images with the predicted class (and the true one when wrong)
     names = [probe_test.classes[p] + ("" if p == t else f" ({probe_test.classes[t]})") for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
     data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
-    summary = dict(method="DP-CLIP (clip_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+    summary = dict(method="DP-CLIP (clip_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=args.batch_size, micro_batch=args.micro_batch, micro_batches_per_step=K,
                    noise_std_on_sum=2 * sigma * args.clip, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc, chance=1 / len(probe_test.classes),
@@ -637,7 +679,8 @@ def main(argv=None):
                    wall_time_s=time.time() - t0, device=str(device), args=vars(args))
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})")
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})" +
+          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
     if audit_result:
         print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
               f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +

@@ -241,3 +241,29 @@ def test_bad_flags_raise_one_line_errors(tmp_path, monkeypatch, flags, words):
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("clip_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
+
+
+def test_plain_step_is_dp_step_without_clipping_or_noise():
+    """--eps inf's step: the same micro-batches and divisor K as DP-CLIP's, gradients neither clipped nor noised."""
+    model = tiny_model()
+    params, buffers = functional(model)
+    imgs, toks = pairs(6, 3)
+    members, pair_mask = M.sample_micro_batches(18, 0.7, 4, generator=torch.Generator().manual_seed(1))
+    load_pairs = lambda idx, mask: (imgs.flatten(0, 1)[idx], toks.flatten(0, 1)[idx], mask)
+    kw = dict(per_call=3, noise_gen=torch.Generator().manual_seed(0))
+    dp, dp_loss = M.micro_batch_step(M.make_per_example_grads(model, M.clip_loss), params, buffers, members, pair_mask,
+                                     load_pairs, clip=1e9, sigma=0.0, **kw)
+    plain, plain_loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, sigma=1.0,
+                                           batch_grad=M.make_batch_grad(model, M.clip_loss), **kw)
+    assert plain_loss == pytest.approx(dp_loss)
+    for k in dp:
+        torch.testing.assert_close(plain[k], dp[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
+def test_eps_inf_is_a_non_private_reference(tmp_path):
+    r = run_script("clip_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0 and s["steps"] == 2
+    assert "NOT PRIVATE" in r.stdout
+    assert_one_error_line(run_script("clip_dp.py", "--eps", "inf", "--audit", "10", *TINY, cwd=tmp_path), "--audit")
