@@ -62,6 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
     g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; xs: 0.2M parameters, patch 8; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
@@ -143,14 +145,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViTEncoder(nn.Module):
-    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
-    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(p) stride-2
+    3x3 convolutions, widths doubling up to D, then a 1x1 to D, in the place of the linear patch embedding. Same
+    tokens out, (B, L, D) with L = (H/p)*(W/p), but each sees a local edge and corner detector first: on the
+    shapes the linear embedding alone did not learn to tell shapes apart at CPU budgets (docs/SWEEP_learn_first.md).
+    No normalisation layer: a batch norm would mix examples, which per-example clipping forbids."""
 
-    def __init__(self, size, patch, channels, dim, depth, heads):
+    def __init__(self, patch, channels, dim):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2 ** n != patch or n < 1:
+            raise ValueError(f"--stem conv needs --patch a power of 2 (>= 2), got {patch}")
+        layers, c = [], channels
+        for i in range(n):
+            w = max(8, dim // 2 ** (n - 1 - i))
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, L, D)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding (or a conv stem) + [cls] + fixed positions + pre-norm blocks. With stem="linear" cap_dp.py
+    and clip_dp.py use the same names, so their `--init` loads this encoder's weights from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads, stem="linear"):
         super().__init__()
         self.patch, self.channels = patch, channels
-        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        if stem == "conv":
+            self.stem = ConvStem(patch, channels, dim)
+        else:
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -160,7 +188,8 @@ class ViTEncoder(nn.Module):
     def forward(self, imgs, mask_ratio=0.0, noise=None):
         """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
         Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
-        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        x = self.stem(imgs) if hasattr(self, "stem") else self.patch_embed(patchify(imgs, self.patch))
+        x = x + self.pos_embed  # (B, L, D)
         B, L, D = x.shape
         # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
         keep = int(L * (1 - mask_ratio))
@@ -220,9 +249,9 @@ class DecoderBlock(nn.Module):
 
 
 class Captioner(nn.Module):
-    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len):
+    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len, stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
         self.image_proj = nn.Linear(dim, dec_dim)  # image tokens into the decoder's width
         self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dec_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dec_dim))  # learned 1-D text positions
@@ -374,10 +403,13 @@ def lr_at(step, total, peak, warmup):
 # The linear probe is data.linear_probe, shared by every script; here, zero-shot classification and captions.
 
 
-def class_prompts(ds):
+def class_prompts(ds, style="full"):
     """Prompts per class, written like the training captions. For shapes they follow data.py's caption grammar
-    ("a red circle ..."), built from the generator's public word lists, not from any private caption;
+    ("a red circle ..." in the full style, "a circle" / "a large circle" in the shapes style), built from the
+    generator's public word lists, not from any private caption;
     "a large red circle" variants would add cost, not information: every class's prompt would share that word; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
+    if ds.name.startswith("shapes") and style == "shapes":
+        return [[f"a {label}", f"a large {label}"] for label in ds.classes]
     if ds.name.startswith("shapes"):
         article = lambda w: ("an " if w[0] in "aeiou" else "a ") + w
         return [[article(f"{c} {label}") for c in data.COLOUR_NAMES] for label in ds.classes]
@@ -385,12 +417,12 @@ def class_prompts(ds):
 
 
 @torch.no_grad()
-def zero_shot(model, ds, device, max_len, n, batch=50):
+def zero_shot(model, ds, device, max_len, n, batch=50, style="full"):
     """Zero-shot classification by caption loss, as in the paper: for each image and class, the summed
     negative log-likelihood of each of the class's prompts (EOS excluded: the caption would go on); the class
     with the lowest loss over its prompts wins. Returns accuracy on the first n images of ds."""
     model.eval()
-    prompts = class_prompts(ds)
+    prompts = class_prompts(ds, style)
     K = len(prompts[0])
     tokens = data.ByteTokenizer().encode([p for ps in prompts for p in ps], max_len).to(device)  # (classes*K, T)
     keep = tokens[:, 1:] > data.ByteTokenizer.EOS  # (classes*K, T-1): the prompt's bytes only
@@ -433,7 +465,7 @@ def greedy_captions(model, imgs, max_len):
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len)
+    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len, stem=args.stem)
 
 
 def load_encoder(model, path):
@@ -498,6 +530,8 @@ def main(argv=None):
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
+    if args.data == "shapes":
+        private.captions = data.shapes_captions(private.captions, args.captions)
     if args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2 (BOS and EOS), got {args.max_len}")
     if args.physical_batch < 1:  # checked before any training, not after stage 1
@@ -632,11 +666,11 @@ def main(argv=None):
     for name, state in states + [("dp_cap", model.encoder.state_dict())]:
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
-    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n)
+    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n, style=args.captions)
     shown = probe_test.images(torch.arange(8))
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
-    refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
+    refs = data.shapes_captions(probe_test.captions[:8], args.captions) if args.probe_data == "shapes" else [None] * 8
     summary = dict(method="DP-Cap (cap_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=batch_size, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, probe_accuracy_not_private=acc,

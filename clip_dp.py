@@ -73,14 +73,15 @@ def parse_args(argv=None):
     g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
-    g.add_argument("--batch-size", type=int, default=2048, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--micro-batch", type=int, default=8, help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
     g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
-    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=300, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
     g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
@@ -89,10 +90,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: CPU default; small, base: image encoder = mae_dp.py's (so its --init fits), base is ViT-B/16")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs, 4 small, 16 base)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("initialisation")
     g.add_argument("--init", default="none", help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
     g = p.add_argument_group("run")
@@ -163,14 +165,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViTEncoder(nn.Module):
-    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
-    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(p) stride-2
+    3x3 convolutions, widths doubling up to D, then a 1x1 to D, in the place of the linear patch embedding. Same
+    tokens out, (B, L, D) with L = (H/p)*(W/p), but each sees a local edge and corner detector first: on the
+    shapes the linear embedding alone did not learn to tell shapes apart at CPU budgets (docs/SWEEP_learn_first.md).
+    No normalisation layer: a batch norm would mix examples, which per-example clipping forbids."""
 
-    def __init__(self, size, patch, channels, dim, depth, heads):
+    def __init__(self, patch, channels, dim):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2 ** n != patch or n < 1:
+            raise ValueError(f"--stem conv needs --patch a power of 2 (>= 2), got {patch}")
+        layers, c = [], channels
+        for i in range(n):
+            w = max(8, dim // 2 ** (n - 1 - i))
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, L, D)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding (or a conv stem) + [cls] + fixed positions + pre-norm blocks. With stem="linear" cap_dp.py
+    and clip_dp.py use the same names, so their `--init` loads this encoder's weights from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads, stem="linear"):
         super().__init__()
         self.patch, self.channels = patch, channels
-        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        if stem == "conv":
+            self.stem = ConvStem(patch, channels, dim)
+        else:
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -180,7 +208,8 @@ class ViTEncoder(nn.Module):
     def forward(self, imgs, mask_ratio=0.0, noise=None):
         """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
         Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
-        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        x = self.stem(imgs) if hasattr(self, "stem") else self.patch_embed(patchify(imgs, self.patch))
+        x = x + self.pos_embed  # (B, L, D)
         B, L, D = x.shape
         # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
         keep = int(L * (1 - mask_ratio))
@@ -224,9 +253,10 @@ class TextEncoder(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim):
+    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim,
+                 stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
         self.text = TextEncoder(text_len, text_dim, text_depth, text_heads)
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
@@ -471,7 +501,7 @@ def retrieval(model, ds, text_len, device):
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return CLIP(args.size, args.patch, channels, args.text_len, **cfg)
+    return CLIP(args.size, args.patch, channels, args.text_len, **cfg, stem=args.stem)
 
 
 def load_encoder(encoder, path, device):
@@ -536,6 +566,8 @@ def main(argv=None):
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
+    if args.data == "shapes":
+        private.captions = data.shapes_captions(private.captions, args.captions)
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if args.physical_batch < 1:  # checked before any training, not after stage 1
@@ -659,6 +691,8 @@ def main(argv=None):
     held_out = data.load_dataset(args.retrieval_data, split="test", size=args.size, n=args.retrieval_n, seed=args.seed + 200)
     if held_out.captions is None:
         raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
+    if args.retrieval_data == "shapes":  # retrieved in the training captions' style
+        held_out.captions = data.shapes_captions(held_out.captions, args.captions)
     zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
     recall = retrieval(model, held_out, args.text_len, device)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
