@@ -54,13 +54,13 @@ def parse_args(argv=None):
     g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
-    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=4096, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
-    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=100, help="logical DP-SGD steps")
     g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 100000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
     g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
@@ -68,13 +68,13 @@ def parse_args(argv=None):
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; xs: 0.2M parameters, patch 8; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
+    g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: 0.2M parameters, patch 8, CPU default; small: 3 blocks of 96; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
     g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the private stage")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay")
     g.add_argument("--init", default="none", help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
@@ -524,7 +524,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
 
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
-    n_default = 20000 if args.data == "shapes" else None
+    n_default = 100000 if args.data == "shapes" else None  # generated on the fly: more N, less noise (sigma) at the same B
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
@@ -670,7 +670,8 @@ def main(argv=None):
     shown = probe_test.images(torch.arange(8))
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
-    refs = data.shapes_captions(probe_test.captions[:8], args.captions) if args.probe_data == "shapes" else [None] * 8
+    refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
+    refs = data.shapes_captions(refs, args.captions) if args.probe_data == "shapes" else refs
     summary = dict(method="DP-Cap (cap_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=batch_size, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, probe_accuracy_not_private=acc,
