@@ -416,7 +416,8 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None, prior=None):
 
     n examples, an expected logical batch of batch_size, `steps` logical steps: q = batch_size / n (Poisson
     sampling), delta = 1 / (2n) unless given (it must be < 1/n: a larger delta allows a mechanism that publishes
-    one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps.
+    one whole example outright), and sigma = calibrate_sigma(...) so that eps <= target_eps. target_eps = inf is
+    the non-private reference: sigma = 0 (the accountant then reports eps = inf), q and delta as above.
     prior: an RDPAccountant state_dict of earlier DP runs on the same data (see init_prior); sigma is then
     calibrated so that the composed eps, theirs and this run's, is <= target_eps ("prior_eps" is theirs alone).
     Returns {"q", "sigma", "delta", "n", "steps", "batch_size", "prior_eps"}; bad values raise a one-line
@@ -426,7 +427,8 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None, prior=None):
     >>> p["q"] == 256 / 60000, p["delta"] == 1 / 120000, round(p["sigma"], 3)
     (True, True, 1.019)
     """
-    target_eps = _check_eps(target_eps)
+    non_private = target_eps == math.inf  # --eps inf: the reference run without DP, same q; sigma 0 means eps inf
+    target_eps = target_eps if non_private else _check_eps(target_eps)
     steps = _check_steps(steps)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"the dataset must hold at least one example, got N={n}")
@@ -447,7 +449,8 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None, prior=None):
         earlier.orders, earlier._rdp_cache = DEFAULT_ORDERS, {}  # re-evaluate its history on this run's orders
         prior_rdp = earlier.rdp()
         prior_eps = _eps_and_order(prior_rdp, DEFAULT_ORDERS, delta)[0] if prior_rdp.any() else 0.0
-    sigma = calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta, prior_rdp=prior_rdp)
+    sigma = 0.0 if non_private else calibrate_sigma(target_eps=target_eps, q=q, steps=steps, delta=delta,
+                                                    prior_rdp=prior_rdp)
     return {"q": q, "sigma": sigma, "delta": delta, "n": int(n), "steps": steps, "batch_size": int(batch_size),
             "prior_eps": prior_eps}
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
@@ -51,28 +51,30 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
-    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=4096, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
-    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=100, help="logical DP-SGD steps")
     g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 100000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
     g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; xs: 0.2M parameters, patch 8; small: CPU default; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
+    g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: 0.2M parameters, patch 8, CPU default; small: 3 blocks of 96; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of the private stage")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay")
     g.add_argument("--init", default="none", help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
@@ -148,14 +150,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViTEncoder(nn.Module):
-    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
-    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(p) stride-2
+    3x3 convolutions, widths doubling up to D, then a 1x1 to D, in the place of the linear patch embedding. Same
+    tokens out, (B, L, D) with L = (H/p)*(W/p), but each sees a local edge and corner detector first: on the
+    shapes the linear embedding alone did not learn to tell shapes apart at CPU budgets (docs/SWEEP_learn_first.md).
+    No normalisation layer: a batch norm would mix examples, which per-example clipping forbids."""
 
-    def __init__(self, size, patch, channels, dim, depth, heads):
+    def __init__(self, patch, channels, dim):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2 ** n != patch or n < 1:
+            raise ValueError(f"--stem conv needs --patch a power of 2 (>= 2), got {patch}")
+        layers, c = [], channels
+        for i in range(n):
+            w = max(8, dim // 2 ** (n - 1 - i))
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, L, D)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding (or a conv stem) + [cls] + fixed positions + pre-norm blocks. With stem="linear" cap_dp.py
+    and clip_dp.py use the same names, so their `--init` loads this encoder's weights from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads, stem="linear"):
         super().__init__()
         self.patch, self.channels = patch, channels
-        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        if stem == "conv":
+            self.stem = ConvStem(patch, channels, dim)
+        else:
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -165,7 +193,8 @@ class ViTEncoder(nn.Module):
     def forward(self, imgs, mask_ratio=0.0, noise=None):
         """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
         Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
-        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        x = self.stem(imgs) if hasattr(self, "stem") else self.patch_embed(patchify(imgs, self.patch))
+        x = x + self.pos_embed  # (B, L, D)
         B, L, D = x.shape
         # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
         keep = int(L * (1 - mask_ratio))
@@ -225,9 +254,9 @@ class DecoderBlock(nn.Module):
 
 
 class Captioner(nn.Module):
-    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len):
+    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len, stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
         self.image_proj = nn.Linear(dim, dec_dim)  # image tokens into the decoder's width
         self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dec_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dec_dim))  # learned 1-D text positions
@@ -352,6 +381,39 @@ def all_ranks_sum(x):
     return t.item()
 
 
+# --- the non-private reference (--eps inf): the same sample and divisor as dp_step, without clipping or noise ---
+
+
+def make_batch_grad(model, loss_fn):
+    """Returns f(params, buffers, batch, mask) -> (gradient of the masked sum of losses {name: shape}, losses (B,)):
+    one backward pass over the whole batch, no per-example gradients, since nothing is clipped."""
+
+    def total(params, buffers, batch, mask):
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        losses = loss_fn(f, *batch)  # (B,)
+        return (losses * mask.to(losses)).sum(), losses.detach()
+
+    return grad(total, has_aux=True)
+
+
+def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+    """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
+    differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        grads, losses = batch_grad(params, buffers, load(idx), mask)
+        for k, g in grads.items():
+            summed[k] += g
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    if dist.is_initialized():
+        for s in summed.values():
+            dist.all_reduce(s)
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in summed.items()}, loss_sum / max(count, 1)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
     if step < warmup:
@@ -364,10 +426,13 @@ def lr_at(step, total, peak, warmup):
 # The linear probe is data.linear_probe, shared by every script; here, zero-shot classification and captions.
 
 
-def class_prompts(ds):
+def class_prompts(ds, style="full"):
     """Prompts per class, written like the training captions. For shapes they follow data.py's caption grammar
-    ("a red circle ..."), built from the generator's public word lists, not from any private caption;
+    ("a red circle ..." in the full style, "a circle" / "a large circle" in the shapes style), built from the
+    generator's public word lists, not from any private caption;
     "a large red circle" variants would add cost, not information: every class's prompt would share that word; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
+    if ds.name.startswith("shapes") and style == "shapes":
+        return [[f"a {label}", f"a large {label}"] for label in ds.classes]
     if ds.name.startswith("shapes"):
         article = lambda w: ("an " if w[0] in "aeiou" else "a ") + w
         return [[article(f"{c} {label}") for c in data.COLOUR_NAMES] for label in ds.classes]
@@ -375,12 +440,12 @@ def class_prompts(ds):
 
 
 @torch.no_grad()
-def zero_shot(model, ds, device, max_len, n, batch=50):
+def zero_shot(model, ds, device, max_len, n, batch=50, style="full"):
     """Zero-shot classification by caption loss, as in the paper: for each image and class, the summed
     negative log-likelihood of each of the class's prompts (EOS excluded: the caption would go on); the class
     with the lowest loss over its prompts wins. Returns accuracy on the first n images of ds."""
     model.eval()
-    prompts = class_prompts(ds)
+    prompts = class_prompts(ds, style)
     K = len(prompts[0])
     tokens = data.ByteTokenizer().encode([p for ps in prompts for p in ps], max_len).to(device)  # (classes*K, T)
     keep = tokens[:, 1:] > data.ByteTokenizer.EOS  # (classes*K, T-1): the prompt's bytes only
@@ -423,7 +488,7 @@ def greedy_captions(model, imgs, max_len):
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len)
+    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len, stem=args.stem)
 
 
 def load_encoder(model, path):
@@ -487,7 +552,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
 
     # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
-    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
+    n_default = 100000 if args.data == "shapes" else None  # generated on the fly: more N, less noise (sigma) at the same B
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
@@ -495,6 +560,8 @@ def main(argv=None):
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
+    if args.data == "shapes":
+        private.captions = data.shapes_captions(private.captions, args.captions)
     data.check_captions(private, flag=f"--data {args.data}")
     # the evaluation sets are opened before training (their labels are read only after it), so that one the
     # encoder cannot take, or a missing test split, fails now rather than after the private run
@@ -509,6 +576,8 @@ def main(argv=None):
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
     # --init from an earlier run: a DP run on the same data composes with this one (rule 4); public weights are free
     earlier = dict(prior=None, note=None, pipeline=[])
     if args.resume:
@@ -519,6 +588,7 @@ def main(argv=None):
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps,
                        prior=earlier["prior"])
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
     if args.debug_no_noise:
@@ -529,7 +599,11 @@ def main(argv=None):
     if args.insecure_seed:
         print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
               "printed holds only while that seed stays secret (for tests that replay a run)")
+    if not is_private:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
     batch_size = args.batch_size
+    if args.tan_batch and not is_private:
+        raise ValueError("--tan-batch simulates a DP run's noise; --eps inf has none")
     if args.tan_batch:  # TAN: same sigma/B (noise per update) with a batch B' < B; q' = B'/N from the accountant
         if args.tan_batch > args.batch_size:
             raise ValueError(f"--tan-batch {args.tan_batch} must be at most --batch-size {args.batch_size}")
@@ -582,6 +656,7 @@ def main(argv=None):
             dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, caption_loss)
+    batch_grad = None if is_private else make_batch_grad(model, caption_loss)
     # No augmentation: the captions name colours and positions ("at the top left"), which a flip or crop would
     # make false. aug_gen stays, unused, so the seeding and checkpoint code is the same as in every script.
     load = lambda idx: (data.normalize(private.images(idx)).to(device), tokens[idx].to(device))
@@ -609,9 +684,12 @@ def main(argv=None):
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
-                noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
-                                      sigma=0.0 if args.debug_no_noise else sigma, expected_batch=batch_size,
-                                      noise_gen=noise_gen, canaries=canaries)
+                if is_private:
+                    noisy, loss = dp_step(per_example_grads, params, buffers, micro_batches, load, clip=args.clip,
+                                          sigma=0.0 if args.debug_no_noise else sigma, expected_batch=batch_size,
+                                          noise_gen=noise_gen, canaries=canaries)
+                else:  # NOT private: the same sample, unclipped and unnoised
+                    noisy, loss = plain_step(batch_grad, params, buffers, micro_batches, load, expected_batch=batch_size)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -649,12 +727,13 @@ def main(argv=None):
     for name, state in states + [("dp_cap", model.encoder.state_dict())]:
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
-    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n)
+    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n, style=args.captions)
     shown = probe_test.images(torch.arange(8))
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
     refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
-    summary = dict(method="DP-Cap (cap_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+    refs = data.shapes_captions(refs, args.captions) if args.probe_data == "shapes" else refs
+    summary = dict(method="DP-Cap (cap_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=batch_size, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, probe_accuracy_not_private=acc,
                    zero_shot_accuracy_not_private=zs, zero_shot_chance=1 / len(probe_test.classes),
@@ -668,7 +747,7 @@ def main(argv=None):
     eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
     pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
+    privacy = dict(private=is_private and not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
                    init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
     release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
     torch.save(release, str(out / "model.pt") + ".tmp")
@@ -676,7 +755,8 @@ def main(argv=None):
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})" +
+          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
     if earlier["prior"]:
         print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
     if audit_result:

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
@@ -70,17 +70,18 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run)")
+    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
-    g.add_argument("--batch-size", type=int, default=2048, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--micro-batch", type=int, default=8, help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
     g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
-    g.add_argument("--steps", type=int, default=40, help="logical DP-SGD steps")
+    g.add_argument("--steps", type=int, default=300, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
     g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
@@ -89,10 +90,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: CPU default; small, base: image encoder = mae_dp.py's (so its --init fits), base is ViT-B/16")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs, 4 small, 16 base)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("initialisation")
     g.add_argument("--init", default="none", help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
     g = p.add_argument_group("run")
@@ -168,14 +170,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViTEncoder(nn.Module):
-    """Patch embedding + [cls] + fixed positions + pre-norm blocks. cap_dp.py and clip_dp.py use the same names,
-    so their `--init` loads this encoder's weights straight from a mae_dp.py checkpoint."""
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): log2(p) stride-2
+    3x3 convolutions, widths doubling up to D, then a 1x1 to D, in the place of the linear patch embedding. Same
+    tokens out, (B, L, D) with L = (H/p)*(W/p), but each sees a local edge and corner detector first: on the
+    shapes the linear embedding alone did not learn to tell shapes apart at CPU budgets (docs/SWEEP_learn_first.md).
+    No normalisation layer: a batch norm would mix examples, which per-example clipping forbids."""
 
-    def __init__(self, size, patch, channels, dim, depth, heads):
+    def __init__(self, patch, channels, dim):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2 ** n != patch or n < 1:
+            raise ValueError(f"--stem conv needs --patch a power of 2 (>= 2), got {patch}")
+        layers, c = [], channels
+        for i in range(n):
+            w = max(8, dim // 2 ** (n - 1 - i))
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GELU()]
+            c = w
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, dim, 1))
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, L, D)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding (or a conv stem) + [cls] + fixed positions + pre-norm blocks. With stem="linear" cap_dp.py
+    and clip_dp.py use the same names, so their `--init` loads this encoder's weights from a mae_dp.py checkpoint."""
+
+    def __init__(self, size, patch, channels, dim, depth, heads, stem="linear"):
         super().__init__()
         self.patch, self.channels = patch, channels
-        self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+        if stem == "conv":
+            self.stem = ConvStem(patch, channels, dim)
+        else:
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -185,7 +213,8 @@ class ViTEncoder(nn.Module):
     def forward(self, imgs, mask_ratio=0.0, noise=None):
         """imgs: (B, C, H, W) in [-1, 1]; noise: (B, L) uniform, one draw per patch (drawn here if None).
         Returns tokens (B, 1+L_keep, D), mask (B, L) with 0 keep / 1 remove, and ids_restore (B, L)."""
-        x = self.patch_embed(patchify(imgs, self.patch)) + self.pos_embed  # (B, L, D)
+        x = self.stem(imgs) if hasattr(self, "stem") else self.patch_embed(patchify(imgs, self.patch))
+        x = x + self.pos_embed  # (B, L, D)
         B, L, D = x.shape
         # Random masking by argsort of uniform noise (MAE): each example draws its own subset of patches.
         keep = int(L * (1 - mask_ratio))
@@ -229,9 +258,10 @@ class TextEncoder(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim):
+    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim,
+                 stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads)
+        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
         self.text = TextEncoder(text_len, text_dim, text_depth, text_heads)
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
@@ -378,6 +408,39 @@ def all_ranks_sum(x):
     return t.item()
 
 
+# --- the non-private reference (--eps inf): the same sample and divisor as dp_step, without clipping or noise ---
+
+
+def make_batch_grad(model, loss_fn):
+    """Returns f(params, buffers, batch, mask) -> (gradient of the masked sum of losses {name: shape}, losses (B,)):
+    one backward pass over the whole batch, no per-example gradients, since nothing is clipped."""
+
+    def total(params, buffers, batch, mask):
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        losses = loss_fn(f, *batch)  # (B,)
+        return (losses * mask.to(losses)).sum(), losses.detach()
+
+    return grad(total, has_aux=True)
+
+
+def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+    """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
+    differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        grads, losses = batch_grad(params, buffers, load(idx), mask)
+        for k, g in grads.items():
+            summed[k] += g
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    if dist.is_initialized():
+        for s in summed.values():
+            dist.all_reduce(s)
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in summed.items()}, loss_sum / max(count, 1)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
     if step < warmup:
@@ -386,12 +449,13 @@ def lr_at(step, total, peak, warmup):
 
 
 def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, sigma, per_call, noise_gen,
-                     canaries=None, shard=(0, 1)):
+                     canaries=None, shard=(0, 1), batch_grad=None):
     """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
     members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
     those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss).
     shard=(rank, world), for torchrun: every rank holds the whole step's micro-batches and computes rank, rank +
-    world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step."""
+    world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step.
+    batch_grad (from make_batch_grad): --eps inf, the same micro-batches through plain_step, unclipped and unnoised."""
     K = members.shape[0]
     members, pair_mask = members[shard[0]::shard[1]], pair_mask[shard[0]::shard[1]]
     sizes = pair_mask.sum(1)  # (K,)
@@ -405,6 +469,8 @@ def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, loa
         M = max(2, int(sizes[ids].max()))  # real pairs come first in each row: columns after M are all padding
         return load_pairs(members[ids, :M], pair_mask[ids, :M])
 
+    if batch_grad is not None:  # NOT private
+        return plain_step(batch_grad, params, buffers, calls, load, expected_batch=K)
     # sensitivity 2C (module docstring): noise sigma * 2C on the sum; divide by K, the micro-batches per step
     return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, sigma=2 * sigma, expected_batch=K,
                    noise_gen=noise_gen, canaries=canaries)
@@ -458,7 +524,7 @@ def retrieval(model, ds, text_len, device):
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return CLIP(args.size, args.patch, channels, args.text_len, **cfg)
+    return CLIP(args.size, args.patch, channels, args.text_len, **cfg, stem=args.stem)
 
 
 def load_encoder(encoder, path, device):
@@ -526,6 +592,8 @@ def main(argv=None):
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
+    if args.data == "shapes":
+        private.captions = data.shapes_captions(private.captions, args.captions)
     data.check_captions(private, flag=f"--data {args.data}")
     if args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
@@ -543,9 +611,13 @@ def main(argv=None):
                                  seed=args.seed + 200)
     if held_out.captions is None:
         raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
+    if args.retrieval_data == "shapes":  # retrieved in the training captions' style
+        held_out.captions = data.shapes_captions(held_out.captions, args.captions)
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
     # --init from an earlier run: a DP run on the same data composes with this one (rule 4); public weights are free
     earlier = dict(prior=None, note=None, pipeline=[])
     if args.resume:
@@ -556,6 +628,7 @@ def main(argv=None):
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps,
                        prior=earlier["prior"])
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
     if K < world:  # torchrun: every rank computes at least one micro-batch
         raise ValueError(f"--batch-size / --micro-batch gives K={K} micro-batches per step, fewer than the {world} processes")
@@ -570,6 +643,8 @@ def main(argv=None):
         print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
               "printed holds only while that seed stays secret (for tests that replay a run)")
     print(f"micro-batches: K={K} per step of about m={args.batch_size / K:.1f} pairs; noise sigma*2C={2 * sigma * args.clip:.4f} on their sum")
+    if not is_private:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
 
     # --- initialisation: random, or the image encoder of a mae_dp.py run ---
     model = build_model(args, private.channels).to(device)
@@ -615,6 +690,7 @@ def main(argv=None):
             dist.broadcast(v, src=0)
 
     per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
+    batch_grad = None if is_private else make_batch_grad(model, clip_loss)
     tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
     load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, private.channels, args.size, args.size).to(device),
                                     tokens[idx].to(device), mask.to(device))
@@ -645,7 +721,7 @@ def main(argv=None):
                 noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
                                                clip=args.clip, sigma=0.0 if args.debug_no_noise else sigma,
                                                per_call=per_call, noise_gen=noise_gen, canaries=canaries,
-                                               shard=(rank, world))
+                                               shard=(rank, world), batch_grad=batch_grad)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -689,7 +765,7 @@ def main(argv=None):
     k = 16  # zero-shot.png: test images with the predicted class (and the true one when wrong)
     names = [probe_test.classes[p] + ("" if p == t else f" ({probe_test.classes[t]})") for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
     data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
-    summary = dict(method="DP-CLIP (clip_dp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+    summary = dict(method="DP-CLIP (clip_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
                    steps=step, batch_size=args.batch_size, micro_batch=args.micro_batch, micro_batches_per_step=K,
                    noise_std_on_sum=2 * sigma * args.clip, clip=args.clip, init=args.init, data=private.name,
                    probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc, chance=1 / len(probe_test.classes),
@@ -700,7 +776,7 @@ def main(argv=None):
     eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
     pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
+    privacy = dict(private=is_private and not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
                    init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
     release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
     torch.save(release, str(out / "model.pt") + ".tmp")
@@ -708,7 +784,8 @@ def main(argv=None):
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})")
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})" +
+          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
     if earlier["prior"]:
         print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
     if audit_result:

@@ -264,6 +264,24 @@ def _draw_shapes(n, size, g):
     return images, cls[:, 0].clone(), captions
 
 
+CAPTION_STYLES = ("full", "shapes")
+_COLOUR = re.compile(rf"\b(?:a|an) ((?:large |small )?)(?:{'|'.join(COLOUR_NAMES)}) ")  # "an orange" -> "a"
+_PLACE = re.compile(r" (?:at the (?:top|bottom)(?: left| right)?|on the (?:left|right)|in the centre)")
+
+
+def shapes_captions(captions, style="full"):
+    """The embedded set's captions in one of CAPTION_STYLES. "full": as drawn ("a large red circle at the top left
+    and a small blue star on the right"). "shapes": the same phrases without colours and positions ("a large circle
+    and a small star"), so the words left to match are the objects' shapes and sizes: a contrastive or captioning
+    loss can no longer be lowered by colour and position alone, which the models learn long before shape.
+    A pure function of the caption text (the images and labels are the same in both styles)."""
+    if style not in CAPTION_STYLES:
+        raise DataError(f"unknown caption style {style!r} (choose from {', '.join(CAPTION_STYLES)})")
+    if style == "full":
+        return list(captions)
+    return [_PLACE.sub("", _COLOUR.sub(r"a \1", c)) for c in captions]
+
+
 @lru_cache(maxsize=8)
 def _shapes_cached(seed, split, size, n):
     chunks = []

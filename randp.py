@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
@@ -58,7 +58,7 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together)")
+    g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together); 'inf': the non-private reference (no clipping, no noise)")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=512, help="expected logical batch B (Poisson rate q = B/N)")
@@ -291,6 +291,39 @@ def all_ranks_sum(x):
     return t.item()
 
 
+# --- the non-private reference (--eps inf): the same sample and divisor as dp_step, without clipping or noise ---
+
+
+def make_batch_grad(model, loss_fn):
+    """Returns f(params, buffers, batch, mask) -> (gradient of the masked sum of losses {name: shape}, losses (B,)):
+    one backward pass over the whole batch, no per-example gradients, since nothing is clipped."""
+
+    def total(params, buffers, batch, mask):
+        f = lambda *a: functional_call(model, (params, buffers), a)
+        losses = loss_fn(f, *batch)  # (B,)
+        return (losses * mask.to(losses)).sum(), losses.detach()
+
+    return grad(total, has_aux=True)
+
+
+def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+    """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
+    differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    loss_sum, count = 0.0, 0
+    for idx, mask in micro_batches:
+        grads, losses = batch_grad(params, buffers, load(idx), mask)
+        for k, g in grads.items():
+            summed[k] += g
+        loss_sum += float((losses.float() * mask.to(losses.device)).sum())
+        count += int(mask.sum())
+    if dist.is_initialized():
+        for s in summed.values():
+            dist.all_reduce(s)
+        loss_sum, count = all_ranks_sum(loss_sum), all_ranks_sum(count)
+    return {k: s / expected_batch for k, s in summed.items()}, loss_sum / max(count, 1)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 0 (as in MAE and ViP)."""
     if step < warmup:
@@ -445,9 +478,12 @@ def main(argv=None):
     # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
     audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
     n_total = len(private) + (audit.n_included if audit else 0)
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
     earlier = dict(prior=None, note=None, pipeline=[])  # the prior is public: nothing earlier to compose with
     plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
     q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
           f"steps={args.steps} (linear probe {lp_steps}, fine-tune {args.steps - lp_steps}) K={args.aug_mult} "
           f"clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
@@ -459,6 +495,8 @@ def main(argv=None):
     if args.insecure_seed:
         print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
               "printed holds only while that seed stays secret (for tests that replay a run)")
+    if not is_private:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
 
     # --- phase I: the prior from random processes (public), or a random init ---
     model = WRN(args.width, n_classes, private.channels).to(device)
@@ -522,6 +560,7 @@ def main(argv=None):
                                for i in torch.arange(N).split(512)])  # (N, D)
         probe_grads = make_per_example_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
         load_features = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
+    batch_grad = None if is_private else make_batch_grad(model, classify_loss)
     flip = args.aug == "crop_flip"
     load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device), private.labels[idx].to(device))
 
@@ -552,10 +591,14 @@ def main(argv=None):
             canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
                 cached = phase == "linear_probe" and load_features is not None
-                noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen, micro_batches,
-                                      load_features if cached else load, clip=args.clip,
-                                      sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
-                                      noise_gen=noise_gen, canaries=canaries)
+                if is_private:
+                    noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen,
+                                          micro_batches, load_features if cached else load, clip=args.clip,
+                                          sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
+                                          noise_gen=noise_gen, canaries=canaries)
+                else:  # NOT private: the same sample, unclipped and unnoised
+                    noisy, loss = plain_step(batch_grad, trainable, frozen, micro_batches, load,
+                                             expected_batch=args.batch_size)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():  # in phase II the body gets no gradient, so SGD leaves it untouched
@@ -594,7 +637,7 @@ def main(argv=None):
     acc = accuracy(model, test, device)
     phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),
               dict(phase="fine_tune", steps=args.steps - lp_steps, q=q, sigma=sigma)]
-    summary = dict(method="DP-RandP (randp.py)", eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q,
+    summary = dict(method="DP-RandP (randp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q,
                    n=n_total, steps=step, phases=phases, batch_size=args.batch_size, clip=args.clip, aug_mult=args.aug_mult,
                    prior=not args.no_prior, width=args.width, data=private.name, test_data=test.name,
                    test_accuracy=acc, prior_time_s=t_prior, wall_time_s=time.time() - t0, device=str(device),
@@ -604,7 +647,7 @@ def main(argv=None):
     eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
     pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
                                            eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
+    privacy = dict(private=is_private and not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
                    init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
     release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
     torch.save(release, str(out / "model.pt") + ".tmp")
@@ -612,7 +655,8 @@ def main(argv=None):
     summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
     summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})")
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})" +
+          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
     if earlier["prior"]:
         print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
     if audit_result:

@@ -324,3 +324,15 @@ def test_dp_sgd_plan_refuses_bad_flags(kw, words):
     args = dict(target_eps=1.0, n=1000, batch_size=10, steps=5) | kw
     with pytest.raises(ValueError, match=words):
         acc.dp_sgd_plan(**args)
+
+
+def test_plan_for_eps_inf_is_the_non_private_reference():
+    """eps = inf: the same q and delta, sigma 0; an accountant fed that sigma reports eps = inf, never a finite one."""
+    p = acc.dp_sgd_plan(target_eps=math.inf, n=1000, batch_size=100, steps=5)
+    assert p["sigma"] == 0 and p["q"] == 0.1 and p["delta"] == 1 / 2000
+    a = acc.RDPAccountant()
+    a.step(q=p["q"], sigma=p["sigma"], steps=5)
+    assert a.epsilon(p["delta"]) == math.inf
+    for bad in (math.nan, -math.inf):
+        with pytest.raises(ValueError):
+            acc.dp_sgd_plan(target_eps=bad, n=1000, batch_size=100, steps=5)

@@ -273,3 +273,37 @@ def test_bad_flags_raise_one_line_value_errors(tmp_path, monkeypatch, flags, wor
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("cap_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
+
+
+def test_eps_inf_is_a_non_private_reference(tmp_path):
+    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
+    r = run_script("cap_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
+    assert "NOT PRIVATE" in r.stdout
+
+
+def test_non_private_training_learns_zero_shot_on_an_easy_set():
+    """The captioner, its loss and the --eps inf step together learn to say "circle" or "cross" (zero-shot by caption
+    loss): a broken gradient fails here instead of hiding behind DP noise. Tiny model, conv stem, one thread."""
+    from test_clip_dp import easy_pairs
+
+    torch.manual_seed(0)
+    train, test = easy_pairs(2000, seed=0), easy_pairs(400, seed=1)
+    model = C.Captioner(16, 4, 3, **C.SIZES["tiny"], max_len=12, stem="conv")
+    params, buffers = functional(model)
+    opt = torch.optim.AdamW(params.values(), lr=5e-3, betas=(0.9, 0.95), weight_decay=0.005)
+    tokens = data.ByteTokenizer().encode(train.captions, 12)
+    load = lambda idx: (data.normalize(train.images(idx)), tokens[idx])
+    batch_grad = C.make_batch_grad(model, C.caption_loss)
+    for step, micro_batches in enumerate(data.poisson_batches(len(train), 64 / len(train), 150, 64,
+                                                              generator=torch.Generator().manual_seed(0))):
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, 150, 5e-3, 10)
+        g, loss = C.plain_step(batch_grad, params, buffers, micro_batches, load, expected_batch=64)
+        for k, p in params.items():
+            p.grad = g[k]
+        opt.step()
+    acc = C.zero_shot(model, test, "cpu", 12, len(test))
+    assert acc >= 0.9, (acc, loss)

@@ -240,3 +240,70 @@ def test_bad_flags_raise_one_line_errors(tmp_path, monkeypatch, flags, words):
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("clip_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
+
+
+def test_plain_step_is_dp_step_without_clipping_or_noise():
+    """--eps inf's step: the same micro-batches and divisor K as DP-CLIP's, gradients neither clipped nor noised."""
+    model = tiny_model()
+    params, buffers = functional(model)
+    imgs, toks = pairs(6, 3)
+    members, pair_mask = M.sample_micro_batches(18, 0.7, 4, generator=torch.Generator().manual_seed(1))
+    load_pairs = lambda idx, mask: (imgs.flatten(0, 1)[idx], toks.flatten(0, 1)[idx], mask)
+    kw = dict(per_call=3, noise_gen=torch.Generator().manual_seed(0))
+    dp, dp_loss = M.micro_batch_step(M.make_per_example_grads(model, M.clip_loss), params, buffers, members, pair_mask,
+                                     load_pairs, clip=1e9, sigma=0.0, **kw)
+    plain, plain_loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, sigma=1.0,
+                                           batch_grad=M.make_batch_grad(model, M.clip_loss), **kw)
+    assert plain_loss == pytest.approx(dp_loss)
+    for k in dp:
+        torch.testing.assert_close(plain[k], dp[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
+def test_eps_inf_is_a_non_private_reference(tmp_path):
+    r = run_script("clip_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0 and s["steps"] == 2
+    assert "NOT PRIVATE" in r.stdout
+    assert_one_error_line(run_script("clip_dp.py", "--eps", "inf", "--audit", "10", *TINY, cwd=tmp_path), "--audit")
+
+
+def easy_pairs(n, seed, size=16):
+    """n images of one circle or one cross (random colour, place and size) on a plain grey background, captioned
+    "a circle" / "a cross": a set on which any CLIP with working gradients learns zero-shot in seconds."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    c = (torch.arange(size) + 0.5) / size
+    cx, cy, r = (torch.rand(n, 1, 1, generator=g) * w + lo for lo, w in ((0.35, 0.3), (0.35, 0.3), (0.3, 0.15)))
+    u, v = (c[None, None, :] - cx) / r, (c[None, :, None] - cy) / r  # (n, 1, S), (n, S, 1)
+    inside = torch.where(labels[:, None, None] == 0, data._shape_mask("circle", u, v), data._shape_mask("cross", u, v))
+    colour = torch.rand(n, 3, 1, 1, generator=g) * 100 + 155  # bright on a dark background: never invisible
+    x = torch.where(inside[:, None], colour, torch.full((n, 3, size, size), 40.0))
+    classes = ["circle", "cross"]
+    return data.ImageDataset("easy", size=size, channels=3, pixels=x.round().to(torch.uint8), labels=labels,
+                             classes=classes, captions=[f"a {classes[k]}" for k in labels.tolist()])
+
+
+def test_non_private_training_learns_zero_shot_on_an_easy_set():
+    """The model, loss and --eps inf step together learn: a broken gradient or a collapsed embedding fails here
+    instead of hiding behind DP noise. 150 steps of 64 pairs, tiny model, conv stem: a few seconds on one thread."""
+    torch.manual_seed(0)
+    train, test = easy_pairs(2000, seed=0), easy_pairs(400, seed=1)
+    model = M.CLIP(16, 4, 3, T, **M.SIZES["tiny"], stem="conv")
+    params, buffers = functional(model)
+    opt = torch.optim.AdamW(params.values(), lr=5e-3, betas=(0.9, 0.95), weight_decay=0.005)
+    tokens = data.ByteTokenizer().encode(train.captions, T)
+    load_pairs = lambda idx, mask: (data.normalize(train.images(idx.reshape(-1))).view(*idx.shape, 3, 16, 16),
+                                    tokens[idx], mask)
+    batch_grad, gen = M.make_batch_grad(model, M.clip_loss), torch.Generator().manual_seed(0)
+    for step in range(150):
+        members, pair_mask = M.sample_micro_batches(len(train), 64 / len(train), 8, generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = M.lr_at(step, 150, 5e-3, 10)
+        g, loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, sigma=0.0,
+                                     per_call=8, noise_gen=None, batch_grad=batch_grad)
+        for k, p in params.items():
+            p.grad = g[k]
+        opt.step()
+    acc, _ = M.zero_shot(model, test, T, "cpu")
+    assert acc >= 0.9, (acc, loss)

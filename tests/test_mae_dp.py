@@ -196,3 +196,12 @@ def test_resume_continues_step_and_epsilon(smoke, tmp_path):
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
     r = run_script("mae_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
+
+
+def test_eps_inf_is_a_non_private_reference(tmp_path):
+    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
+    r = run_script("mae_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
+    assert "NOT PRIVATE" in r.stdout

@@ -241,3 +241,12 @@ def test_cached_feature_probe_runs_end_to_end(smoke, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert s["steps"] == 4 and s["eps"] <= 4 and s["test_accuracy"] > 0
+
+
+def test_eps_inf_is_a_non_private_reference(tmp_path):
+    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
+    r = run_script("randp.py", "--eps", "inf", "--steps", "4", "--lp-steps", "2", "--out", "run", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
+    assert "NOT PRIVATE" in r.stdout

@@ -225,6 +225,7 @@ def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs,
     flags = __import__(tiny).TINY
     first = json.loads((two_default_runs / "a" / "summary.json").read_text())
     r = run_script(script, "--eps", "6", "--steps", "2", "--init", two_default_runs / "a" / "model.pt", "--out", "c",
+                   "--stem", "linear",  # the encoder of mae_dp.py
                    *flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
