@@ -16,13 +16,18 @@ Image Captioning" (ICML 2024). The recipe, in the order this file follows it:
   4. Evaluate (not private): a linear probe on the frozen encoder (random init vs trained), zero-shot
      classification by caption loss (each class's prompts scored, lowest loss wins), greedy captions.
 What is simplified: tiny widths, 32x32 images and short captions so a laptop CPU runs it in minutes (the paper's
-ViT-B/16 at 224x224 is `--model base`); the paper's DataComp image-text pairs become the embedded captioned
-"shapes" set (or `--data PATH`: COCO captions json, webdataset shards, TSV of path and caption).
+ViT-B/16 at 224x224 is `--model base --stem linear`); the paper's DataComp image-text pairs become the embedded
+captioned "shapes" set, 100,000 scenes generated on the fly, captioned by their shapes only (`--captions full` adds
+colours and positions, which a captioner learns first and which never name the label), or `--data PATH`: COCO
+captions json, webdataset shards, TSV of path and caption. The image tokens come from a small conv stem (Xiao et
+al. 2021) rather than ViT's linear patch embedding; both choices were made on a public proxy
+(docs/SWEEP_learn_first.md).
 
   python cap_dp.py --eps 8                                      # embedded data, 2-core CPU: see README for time
+  python cap_dp.py --eps inf                                    # the same run without DP: its ceiling (NOT private)
   python cap_dp.py --eps 8 --audit 5000                         # + a one-run privacy audit: eps lower bound (README)
-  python cap_dp.py --eps 8 --tan-batch 256                      # TAN: a cheap run with the noise of B=1024
-  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/model.pt --model vip   # encoder from ViP: the eps composes
+  python cap_dp.py --eps 8 --tan-batch 512                      # TAN: a cheap run with the noise of B=4096
+  python cap_dp.py --eps 8 --init runs/mae_dp_eps8_s0/model.pt --model vip --stem linear  # ViP's encoder: eps composes
 """
 import argparse
 import json
@@ -504,8 +509,8 @@ def load_encoder(model, path):
     try:
         model.encoder.load_state_dict(enc)
     except RuntimeError as e:
-        raise ValueError(f"--init {path}: encoder does not fit; pass the --model, --patch and --size of the run "
-                         f"that wrote it ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"--init {path}: encoder does not fit; pass --stem linear and the --model, --patch and --size "
+                         f"of the run that wrote it ({' '.join(str(e).split())[:200]})") from None
 
 
 def main(argv=None):
@@ -521,6 +526,7 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
+        defaults.update(stem="linear", captions="full")  # except these two: an older run had no other kind
         args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
                                      "device": args.device})
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---

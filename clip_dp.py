@@ -34,14 +34,18 @@ the loss ignores, and a micro-batch with fewer than 2 pairs has no contrastive l
 The text encoder reads utf-8 bytes (data.ByteTokenizer): a fixed vocabulary fitted on nothing, so it leaks nothing.
 
 What is simplified: tiny widths and 32x32 images so a laptop CPU runs it in minutes (the paper fine-tunes
-pretrained CLIP models); the "shapes" set of synthetic captioned scenes stands in for image-text data (or
-`--data PATH`: COCO json, webdataset shards, TSV/CSV with captions); `--init` can start the image encoder from a
-mae_dp.py run (public ViP-Syn or private ViP; the latter spends that run's budget too).
+pretrained CLIP models); the "shapes" set of synthetic scenes, captioned by their shapes only (`--captions full`
+adds colours and positions, which a micro-batch of 8 tells apart without ever looking at shape), stands in for
+image-text data (or `--data PATH`: COCO json, webdataset shards, TSV/CSV with captions); a small conv stem (Xiao et
+al. 2021) makes the image tokens. Both were chosen on a public proxy (docs/SWEEP_learn_first.md). `--init` (with
+`--stem linear`) can start the image encoder from a mae_dp.py run (public ViP-Syn or private ViP; the latter
+spends that run's budget too).
 
   python clip_dp.py --eps 8                                      # embedded data: ~6 min on a busy 2-core CPU, see README
+  python clip_dp.py --eps inf                                    # the same run without DP: its ceiling (NOT private)
   python clip_dp.py --eps 8 --audit 5000                        # + a one-run privacy audit: eps lower bound (README)
   python clip_dp.py --eps 8 --micro-batch 32                     # fewer, larger micro-batches: more negatives
-  python clip_dp.py --eps 8 --model small --init runs/mae_dp_eps8_s0/model.pt   # ViP's encoder: the eps composes
+  python clip_dp.py --eps 8 --model small --stem linear --init runs/mae_dp_eps8_s0/model.pt  # ViP's encoder
 """
 import argparse
 import json
@@ -538,7 +542,7 @@ def load_encoder(encoder, path, device):
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:  # torch lists every mismatch on many lines: keep the first
-        raise ValueError(f"--init {path}: not this image encoder (same --model, --patch, --size?): "
+        raise ValueError(f"--init {path}: not this image encoder (same --model, --patch, --size, --stem linear?): "
                          f"{' '.join(str(e).split())[:300]}") from None
 
 
@@ -555,6 +559,7 @@ def main(argv=None):
         if any(k not in ("out", "name", "device", "log_every") for k in changed):
             raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
         defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
+        defaults.update(stem="linear", captions="full")  # except these two: an older run had no other kind
         args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
                                      "device": args.device})
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---

@@ -604,3 +604,16 @@ def test_linear_probe_separable_and_chance():
     noise_only = lambda x: torch.randn(len(x), 8)
     assert data.linear_probe(informative, train, test, device="cpu", batch=128) > 0.95
     assert data.linear_probe(noise_only, train, test, device="cpu", batch=128) < 0.35  # chance is 0.2
+
+
+def test_shapes_captions_keep_shapes_and_sizes_only():
+    ds = load_dataset("shapes", split="test", n=300)
+    short = data.shapes_captions(ds.captions, "shapes")
+    assert data.shapes_captions(ds.captions, "full") == ds.captions
+    for label, cap, full in zip(ds.labels.tolist(), short, ds.captions):
+        words = cap.replace(",", "").split()
+        assert not set(words) & (set(data.COLOURS) | {"top", "bottom", "left", "right", "centre", "an"}), (cap, full)
+        assert words[0] == "a" and ds.classes[label] == next(w for w in words if w in ds.classes), (cap, full)
+    assert short[:2] == [data.shapes_captions([c], "shapes")[0] for c in ds.captions[:2]]
+    with pytest.raises(data.DataError, match="caption style"):
+        data.shapes_captions(ds.captions, "colours")
