@@ -517,9 +517,7 @@ def main(argv=None):
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), str(cache) + ".tmp")
                 os.replace(str(cache) + ".tmp", cache)
-    elif args.init != "none":
-        if not Path(args.init).is_file():
-            raise ValueError(f"--init {args.init}: no such file (use 'syn', 'none' or a checkpoint path)")
+    elif args.init != "none":  # load_checkpoint: a missing or bad file is one line
         state = data.load_checkpoint(args.init, flag="--init", script="mae_dp", keys=())
         # a mae_dp checkpoint, or a bare ViP-Syn cache file
         data.load_weights(model, state.get("model", state), where=f"--init {args.init}")
