@@ -615,6 +615,7 @@ def main(argv=None):
                 tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
                 save_checkpoint()
     if world > 1:  # training is over: evaluation and outputs are rank 0's alone
+        dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
         dist.destroy_process_group()
         if rank:
             return
