@@ -227,9 +227,10 @@ def make_per_example_grads(model, loss_fn):
     return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
 
 
-def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, sigma, expected_batch, noise_gen,
-            canaries=None):
-    """One logical DP-SGD step. micro_batches: [(idx (P,), mask (P,))] of one Poisson sample.
+def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
+            noise_gen, canaries=None):
+    """One logical DP-SGD step. physical_batches: [(idx (P,), mask (P,))], one Poisson sample in fixed-shape
+    vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's sampled canary gradients (m,), canary i along its own coordinate i (accountant.CanaryAudit);
     they are clipped, summed and noised exactly like the examples and come back under the key "canaries".
@@ -237,7 +238,7 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
-    for idx, mask in micro_batches:
+    for idx, mask in physical_batches:
         batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W)
         grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
         # The sensitivity argument lives here, so it runs in float32 (at least) whatever the autocast: a bf16
@@ -266,10 +267,10 @@ def dp_step(per_example_grads, params, buffers, micro_batches, load, *, clip, si
         if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
             canaries = up(canaries)
             summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-        # g~ = (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / B_expected: noise once per step, on the sum; dividing by
+        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on the sum; dividing by
         # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
         # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
-        noisy = {k: s + sigma * clip * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
+        noisy = {k: s + noise_std * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
                  if first else s
                  for k, s in summed.items()}
     if dist.is_initialized():
@@ -306,12 +307,12 @@ def make_batch_grad(model, loss_fn):
     return grad(total, has_aux=True)
 
 
-def plain_step(batch_grad, params, buffers, micro_batches, load, *, expected_batch):
+def plain_step(batch_grad, params, buffers, physical_batches, load, *, expected_batch):
     """One logical step of --eps inf, NOT private: sum of the sampled examples' gradients / expected batch, so it
     differs from dp_step only by the missing clipping and noise. Returns (gradient {name: tensor}, mean loss)."""
     summed = {k: torch.zeros_like(v) for k, v in params.items()}
     loss_sum, count = 0.0, 0
-    for idx, mask in micro_batches:
+    for idx, mask in physical_batches:
         grads, losses = batch_grad(params, buffers, load(idx), mask)
         for k, g in grads.items():
             summed[k] += g
