@@ -295,7 +295,8 @@ def _draw_shapes(n, size, g):
     freq = _uniform((n, 1, 1), 3, 12, g)
     ramp = coords[None, None, :] * torch.cos(theta) + coords[None, :, None] * torch.sin(theta)
     stripes = torch.sin(2 * math.pi * freq * ramp + _uniform((n, 1, 1), 0, 6.3, g))
-    wave_x, wave_y = torch.sin(math.pi * freq * coords[None, None, :]), torch.sin(math.pi * freq * coords[None, :, None])
+    wave_x = torch.sin(math.pi * freq * coords[None, None, :])
+    wave_y = torch.sin(math.pi * freq * coords[None, :, None])
     checks = torch.sign(wave_x * wave_y)
     blotch = F.interpolate(torch.randn(n, 1, 6, 6, generator=g), size=(S, S), mode="bilinear")[:, 0]
     kind = torch.randint(0, 3, (n, 1, 1), generator=g)
@@ -1351,51 +1352,82 @@ def _load_table(path, size):
 # --- load_dataset: the one entry point
 
 
-def _detect(path, split, size):
-    """Pick the reader for a path; DataError when nothing fits."""
-    if path.is_file():
-        suffix = "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".tar.gz") else path.suffix.lower()
-        if suffix in (".tsv", ".csv", ".txt"):
-            return _load_table(path, size)
-        if suffix == ".json":
-            return _load_coco(path, size)
-        if suffix in (".tar.gz", ".tgz", ".tar"):
-            opener, where = _cifar_files(path)
-            if opener:
-                return _load_cifar(path, split, size, opener, where)
-            if suffix == ".tar":
-                return _load_webdataset([path], path.stem, size)
-            raise DataError(f"{path}: a .tar.gz that is not CIFAR; extract it first (tar xzf {path.name} -C DIR) "
-                            f"and pass DIR")
-        if suffix in IMAGE_EXTS:
-            raise DataError(f"{path}: a single image; pass the folder that holds the dataset")
-        raise DataError(f"{path}: unknown dataset format (expected a folder, CIFAR .tar.gz, .tar shards, .tsv/.csv "
-                        f"or COCO .json)")
+def _suffix(path):
+    """A file's format suffix, lower case; .tar.gz counts as one."""
+    return "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".tar.gz") else path.suffix.lower()
+
+
+def _cifar(path, split):
+    """(opener, where) of the CIFAR files in path, or None."""
     opener, where = _cifar_files(path)
-    if opener:
-        return _load_cifar(path, split, size, opener, where)
-    if any(path.glob("*idx3-ubyte*")):
-        return _load_idx(path, split, size)
-    coco = _coco_json(path, split)
-    if coco is not None:
-        return _load_coco(coco, size)
-    if any(path.glob("*.tar")) or any(path.glob("*/*.tar")):
-        base = _split_root(path, split, "shards")
-        shards = sorted(base.glob("*.tar"))
-        if not shards:
-            raise DataError(f"{base}: no .tar shards")
-        return _load_webdataset(shards, f"{path.name}-{split}", size)
-    tables = sorted(p for p in path.iterdir() if p.suffix.lower() in (".tsv", ".csv"))
-    if tables:
-        hit = [p for p in tables if p.stem.lower() in _SPLIT_DIRS.get(split, (split,))]
+    return (opener, where) if opener else None
+
+
+def _load_shards(path, split, size, hit):
+    base = _split_root(path, split, "shards")
+    shards = sorted(base.glob("*.tar"))
+    if not shards:
+        raise DataError(f"{base}: no .tar shards")
+    return _load_webdataset(shards, f"{path.name}-{split}", size)
+
+
+def _load_tables(path, split, size, tables):
+    hit = [p for p in tables if p.stem.lower() in _SPLIT_DIRS.get(split, (split,))]
+    if hit:
+        return _load_table(hit[0], size)
+    if len(tables) == 1 and split == "train":
+        return _load_table(tables[0], size)
+    raise DataError(f"{path}: no {split}.tsv/.csv among {', '.join(p.name for p in tables)}")
+
+
+def _not_cifar(path, split, size, hit):
+    raise DataError(f"{path}: a .tar.gz that is not CIFAR; extract it first (tar xzf {path.name} -C DIR) "
+                    f"and pass DIR")
+
+
+def _single_image(path, split, size, hit):
+    raise DataError(f"{path}: a single image; pass the folder that holds the dataset")
+
+
+def _unknown_format(path, split, size, hit):
+    raise DataError(f"{path}: unknown dataset format (expected a folder, CIFAR .tar.gz, .tar shards, .tsv/.csv "
+                    f"or COCO .json)")
+
+
+def _empty_folder(path, split, size, hit):
+    raise DataError(f"{path}: empty folder")
+
+
+_TARS = (".tar.gz", ".tgz", ".tar")
+# (test(path, split), read(path, split, size, hit)), walked in order: the first test that returns a hit (anything
+# truthy) wins, and its reader gets the hit, so what a test found (the CIFAR files, the tables) is not looked up
+# twice. The last row of each table always matches.
+_FILE_READERS = (  # a file, by its suffix
+    (lambda p, s: _suffix(p) in (".tsv", ".csv", ".txt"), lambda p, s, size, hit: _load_table(p, size)),
+    (lambda p, s: _suffix(p) == ".json", lambda p, s, size, hit: _load_coco(p, size)),
+    (lambda p, s: _suffix(p) in _TARS and _cifar(p, s), lambda p, s, size, hit: _load_cifar(p, s, size, *hit)),
+    (lambda p, s: _suffix(p) == ".tar", lambda p, s, size, hit: _load_webdataset([p], p.stem, size)),  # shards
+    (lambda p, s: _suffix(p) in _TARS, _not_cifar),  # .tar.gz or .tgz
+    (lambda p, s: _suffix(p) in IMAGE_EXTS, _single_image),
+    (lambda p, s: True, _unknown_format),
+)
+_FOLDER_READERS = (  # a folder, by what it holds
+    (_cifar, lambda p, s, size, hit: _load_cifar(p, s, size, *hit)),
+    (lambda p, s: any(p.glob("*idx3-ubyte*")), lambda p, s, size, hit: _load_idx(p, s, size)),
+    (_coco_json, lambda p, s, size, hit: _load_coco(hit, size)),  # hit: the captions json for the split
+    (lambda p, s: any(p.glob("*.tar")) or any(p.glob("*/*.tar")), _load_shards),
+    (lambda p, s: sorted(f for f in p.iterdir() if f.suffix.lower() in (".tsv", ".csv")), _load_tables),
+    (lambda p, s: not any(p.iterdir()), _empty_folder),
+    (lambda p, s: True, lambda p, s, size, hit: _load_folder(p, s, size)),  # class folders, or images
+)
+
+
+def _detect(path, split, size):
+    """Pick the reader for a path (the first row of its table whose test hits); DataError when nothing fits."""
+    for test, read in _FILE_READERS if path.is_file() else _FOLDER_READERS:
+        hit = test(path, split)
         if hit:
-            return _load_table(hit[0], size)
-        if len(tables) == 1 and split == "train":
-            return _load_table(tables[0], size)
-        raise DataError(f"{path}: no {split}.tsv/.csv among {', '.join(p.name for p in tables)}")
-    if not any(path.iterdir()):
-        raise DataError(f"{path}: empty folder")
-    return _load_folder(path, split, size)
+            return read(path, split, size, hit)
 
 
 def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
@@ -1407,8 +1439,8 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     image, caption = its first caption, all of them in ds.all_captions: the privacy unit stays the image),
     webdataset .tar shards (key.jpg + key.txt [+ key.cls]; index cached as <shard>.idx.json), TSV/CSV of
     image_path<TAB>caption. Splits: train / test (test also finds val). n: a seeded random subset of n examples
-    (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized (short side) and centre-cropped
-    to size x size.
+    (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized
+    (short side) and centre-cropped to size x size.
     """
     if path_or_name == "shapes":
         return shapes(split, size=size, n=n, seed=seed)
@@ -1438,7 +1470,8 @@ def _subset(ds, n, seed):
         raise DataError(f"{ds.name}: n must be positive, got {n}")
     if n >= len(ds):
         return ds
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(_seed_from("subset", seed)))[:n].sort().values
+    g = torch.Generator().manual_seed(_seed_from("subset", seed))
+    keep = torch.randperm(len(ds), generator=g)[:n].sort().values
     parent = ds
     out = ImageDataset(ds.name, size=ds.size, channels=ds.channels, n=n,
                        decode=None if ds._pixels is not None else (lambda i: parent.images([int(keep[i])])[0]),
