@@ -1,16 +1,20 @@
-"""Data for dp-repr: embedded datasets, random-process priors, real formats, Poisson sampling.
+"""Data for dp-repr: Poisson sampling, embedded datasets, random-process priors, real formats.
 
-Every script imports this file and nothing else for data. It owns:
+Every script imports this file and nothing else for data. It holds, in this order:
+- Poisson sampling and the logical/physical batch split that DP-SGD's accounting assumes (rule 1), and the
+  secret seeds of the sampling and noise generators (rule 3);
+- the one dataset type every loader returns (ImageDataset) and the fixed pixel conventions;
 - "shapes", an embedded labelled and captioned set of procedurally drawn scenes (no files, no network);
 - random-process image generators (dead leaves, spectral 1/f^a noise, "shaders"): the public priors of ViP
   (Yu et al. 2023, synthetic Shaders21k pre-training) and DP-RandP (Tang et al. 2023, after Baradad et al.
   2021 "Learning to see by looking at noise"), simplified to vectorised torch so they run on the fly;
-- real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset shards,
-  TSV/CSV of path<TAB>caption), all returned as one ImageDataset;
-- Poisson sampling and the logical/physical batch split that DP-SGD's accounting assumes (rule 1);
+- a PNG grid to look at a batch (`python data.py grid`);
 - batched torch augmentations and a byte-level tokenizer that reads no data (rule 4);
+- the linear probe the scripts evaluate with;
 - the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
-  device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume.
+  device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume;
+- last, real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset
+  shards, TSV/CSV of path<TAB>caption), all returned as one ImageDataset.
 
     from data import load_dataset, poisson_batches, normalize
     ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~2 s, cached in memory
@@ -44,6 +48,81 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+# -----------------------------------------------------------------------------
+# Poisson sampling and the logical/physical batch split (rule 1)
+
+
+def poisson_sample(n, q, *, generator=None, indices=None):
+    """Each of range(n) joins independently with probability q -> LongTensor of the included indices.
+
+    This is the sampling the RDP accountant's subsampled-Gaussian bound assumes: the batch size is random
+    (mean qn, variance q(1-q)n), never fixed. indices: optional LongTensor [n] to sample from instead of
+    range(n) (e.g. one worker's shard); each entry still joins with probability q.
+    """
+    if not 0 <= q <= 1:
+        raise ValueError(f"sampling rate q must be in [0, 1], got {q}")
+    if indices is not None:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if len(indices) != n:
+            raise ValueError(f"poisson_sample: n={n} but {len(indices)} indices given")
+    if n < 0:
+        raise ValueError(f"poisson_sample: n must be >= 0, got {n}")
+    # float64: a float32 uniform is a multiple of 2^-24, so `u < q` would include with probability
+    # ceil(q 2^24) / 2^24 (and q < 6e-8 would stall at that floor); float64 is exact to 2^-53.
+    keep = torch.rand(n, generator=generator, dtype=torch.float64) < q
+    picked = keep.nonzero().squeeze(1)
+    return picked if indices is None else indices[picked]
+
+
+def secret_seeds(pinned=None):
+    """(sampling seed, noise seed) for the two generators DP-SGD's guarantee needs kept secret (rule 3).
+
+    The accountant's bound assumes that nobody knows which examples a step sampled (else amplification by
+    subsampling is lost) nor the noise it added (else it can be subtracted). `--seed` is public (it is in
+    summary.json and in every command), so these two seeds come from the operating system's entropy, never from
+    it. pinned: an int for tests that must replay a run (`--insecure-seed`): the seeds then follow it, and the
+    eps such a run prints holds only while that number stays secret.
+    """
+    if pinned is not None:
+        return int(pinned), int(pinned) + 2
+    return secrets.randbits(63), secrets.randbits(63)
+
+
+def physical_batches(indices, physical_batch):
+    """Split a logical batch into fixed-shape micro-batches: list of (idx LongTensor [P], mask BoolTensor [P]).
+
+    Fixed P keeps vmap shapes and memory constant; padding rows have idx 0 and mask False, and must contribute
+    nothing (multiply per-example losses/gradients by mask). An empty sample gives one all-False batch, so a
+    step still adds noise (the accountant counts it).
+    """
+    P = int(physical_batch)
+    if P <= 0:
+        raise ValueError(f"physical batch must be positive, got {physical_batch}")
+    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    k = max(1, math.ceil(len(indices) / P))
+    idx = torch.zeros(k * P, dtype=torch.long)
+    mask = torch.zeros(k * P, dtype=torch.bool)
+    idx[: len(indices)] = indices
+    mask[: len(indices)] = True
+    return list(zip(idx.view(k, P).unbind(0), mask.view(k, P).unbind(0)))
+
+
+def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None, shard=(0, 1)):
+    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step.
+
+    shard=(rank, world), for torchrun: every rank draws the same global sample (the same generator, seeded and
+    stepped alike on every rank) and keeps the sampled indices rank, rank + world, ... of it. The shards are
+    disjoint and their union is exactly the one-process sample, so one logical step is one global Poisson sample
+    whatever the world size (and each rank's share is itself an independent-inclusion sample of its examples).
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"poisson_batches: shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    for _ in range(int(steps)):
+        picked = poisson_sample(n, q, generator=generator, indices=indices)
+        yield physical_batches(picked[rank::world], physical_batch)
+
 
 # -----------------------------------------------------------------------------
 # errors, the dataset type, pixel conventions
@@ -216,7 +295,8 @@ def _draw_shapes(n, size, g):
     freq = _uniform((n, 1, 1), 3, 12, g)
     ramp = coords[None, None, :] * torch.cos(theta) + coords[None, :, None] * torch.sin(theta)
     stripes = torch.sin(2 * math.pi * freq * ramp + _uniform((n, 1, 1), 0, 6.3, g))
-    wave_x, wave_y = torch.sin(math.pi * freq * coords[None, None, :]), torch.sin(math.pi * freq * coords[None, :, None])
+    wave_x = torch.sin(math.pi * freq * coords[None, None, :])
+    wave_y = torch.sin(math.pi * freq * coords[None, :, None])
     checks = torch.sign(wave_x * wave_y)
     blotch = F.interpolate(torch.randn(n, 1, 6, 6, generator=g), size=(S, S), mode="bilinear")[:, 0]
     kind = torch.randint(0, 3, (n, 1, 1), generator=g)
@@ -421,7 +501,7 @@ def random_process_images(n, size=32, *, kinds=PRIOR_KINDS, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# looking at a batch
+# looking at a batch: a PNG grid, and `python data.py grid`
 
 
 def save_grid(images, path, *, nrow=8, captions=None, scale=1):
@@ -466,79 +546,31 @@ def save_grid(images, path, *, nrow=8, captions=None, scale=1):
     grid.save(path)
 
 
-# -----------------------------------------------------------------------------
-# Poisson sampling and the logical/physical batch split (rule 1)
-
-
-def poisson_sample(n, q, *, generator=None, indices=None):
-    """Each of range(n) joins independently with probability q -> LongTensor of the included indices.
-
-    This is the sampling the RDP accountant's subsampled-Gaussian bound assumes: the batch size is random
-    (mean qn, variance q(1-q)n), never fixed. indices: optional LongTensor [n] to sample from instead of
-    range(n) (e.g. one worker's shard); each entry still joins with probability q.
-    """
-    if not 0 <= q <= 1:
-        raise ValueError(f"sampling rate q must be in [0, 1], got {q}")
-    if indices is not None:
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        if len(indices) != n:
-            raise ValueError(f"poisson_sample: n={n} but {len(indices)} indices given")
-    if n < 0:
-        raise ValueError(f"poisson_sample: n must be >= 0, got {n}")
-    # float64: a float32 uniform is a multiple of 2^-24, so `u < q` would include with probability
-    # ceil(q 2^24) / 2^24 (and q < 6e-8 would stall at that floor); float64 is exact to 2^-53.
-    keep = torch.rand(n, generator=generator, dtype=torch.float64) < q
-    picked = keep.nonzero().squeeze(1)
-    return picked if indices is None else indices[picked]
-
-
-def secret_seeds(pinned=None):
-    """(sampling seed, noise seed) for the two generators DP-SGD's guarantee needs kept secret (rule 3).
-
-    The accountant's bound assumes that nobody knows which examples a step sampled (else amplification by
-    subsampling is lost) nor the noise it added (else it can be subtracted). `--seed` is public (it is in
-    summary.json and in every command), so these two seeds come from the operating system's entropy, never from
-    it. pinned: an int for tests that must replay a run (`--insecure-seed`): the seeds then follow it, and the
-    eps such a run prints holds only while that number stays secret.
-    """
-    if pinned is not None:
-        return int(pinned), int(pinned) + 2
-    return secrets.randbits(63), secrets.randbits(63)
-
-
-def physical_batches(indices, physical_batch):
-    """Split a logical batch into fixed-shape micro-batches: list of (idx LongTensor [P], mask BoolTensor [P]).
-
-    Fixed P keeps vmap shapes and memory constant; padding rows have idx 0 and mask False, and must contribute
-    nothing (multiply per-example losses/gradients by mask). An empty sample gives one all-False batch, so a
-    step still adds noise (the accountant counts it).
-    """
-    P = int(physical_batch)
-    if P <= 0:
-        raise ValueError(f"physical batch must be positive, got {physical_batch}")
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    k = max(1, math.ceil(len(indices) / P))
-    idx = torch.zeros(k * P, dtype=torch.long)
-    mask = torch.zeros(k * P, dtype=torch.bool)
-    idx[: len(indices)] = indices
-    mask[: len(indices)] = True
-    return list(zip(idx.view(k, P).unbind(0), mask.view(k, P).unbind(0)))
-
-
-def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None, shard=(0, 1)):
-    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step.
-
-    shard=(rank, world), for torchrun: every rank draws the same global sample (the same generator, seeded and
-    stepped alike on every rank) and keeps the sampled indices rank, rank + world, ... of it. The shards are
-    disjoint and their union is exactly the one-process sample, so one logical step is one global Poisson sample
-    whatever the world size (and each rank's share is itself an independent-inclusion sample of its examples).
-    """
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"poisson_batches: shard must be (rank, world) with 0 <= rank < world, got {shard}")
-    for _ in range(int(steps)):
-        picked = poisson_sample(n, q, generator=generator, indices=indices)
-        yield physical_batches(picked[rank::world], physical_batch)
+def _grid_main(argv):
+    """python data.py grid KIND OUT.png [N]: a grid of shapes (with captions), of a dataset, or of a random-process
+    kind. Returns the exit code; bad arguments are one `error:` line, exit code 2."""
+    usage = "usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]"
+    if len(argv) not in (3, 4) or argv[0] != "grid":
+        print(usage, file=sys.stderr)
+        return 2
+    kind, out, n_arg = argv[1], Path(argv[2]), argv[3] if len(argv) == 4 else "32"
+    try:
+        if not n_arg.isdigit() or int(n_arg) < 1:
+            raise DataError(f"N must be a whole number >= 1, got {n_arg!r}")
+        count = int(n_arg)
+        if out.is_dir() or not out.parent.is_dir():
+            raise DataError(f"{out}: {'a folder' if out.is_dir() else 'its folder does not exist'}; give a .png path")
+        if kind in _GENERATORS:
+            save_grid(_GENERATORS[kind](count, 32, torch.Generator().manual_seed(0)), out, scale=2)
+        else:
+            ds = load_dataset(kind, n=count)
+            idx = torch.arange(min(count, len(ds)))
+            save_grid(ds.images(idx), out, captions=ds.captions and [ds.captions[i] for i in idx], scale=4, nrow=8)
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -602,7 +634,7 @@ def color_jitter(x, strength=0.2, *, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# byte-level tokenizer: a fixed table, fitted on nothing, so it carries no information about any data (rule 4
+# byte-level tokenizer: a fixed table, fitted on nothing, so it carries no information about any data (rule 4)
 
 
 class ByteTokenizer:
@@ -651,7 +683,301 @@ class ByteTokenizer:
 
 
 # -----------------------------------------------------------------------------
-# real formats: decoding, then one reader per format; each returns an ImageDataset
+# evaluation shared by the scripts: a linear probe on frozen features (NOT private: it reads probe labels)
+
+
+def linear_probe(encode, train, test, *, device, batch=256, steps=200):
+    """Test accuracy of logistic regression on frozen features (the linear-probe protocol of MAE, ViP, DP-Cap).
+
+    encode(x) maps float images (B, C, H, W) in [-1, 1] on `device` to features (B, D). Features are standardised
+    with the probe *training* set's mean and std (downstream data, not the private set), then a linear head is fit
+    full-batch with L-BFGS and a small L2 penalty. Grey sets are fed as they are: encode decides on channels.
+    """
+    if train.labels is None or test.labels is None:
+        raise DataError(f"{train.name}: the linear probe needs labels")
+
+    @torch.no_grad()
+    def features(ds):
+        out = []
+        for i in range(0, len(ds), batch):
+            x = normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
+            out.append(encode(x).float().cpu())
+        return torch.cat(out)  # (N, D)
+
+    ftr, fte = features(train), features(test)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    with torch.enable_grad():
+        head = torch.nn.Linear(ftr.shape[1], int(max(train.labels.max(), test.labels.max())) + 1)
+        opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return (head(fte).argmax(1) == test.labels).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# run plumbing shared by the scripts (no DP here): flags, device, output folder, checkpoints, metrics, labels
+# and captions.
+# Each script calls these at the same place with the same lines, so that bad input ends in one `error:` line
+# (the scripts' __main__ turns DataError and ValueError into it, exit code 2) before anything is read or written.
+
+_at_least = lambda lo: (f">= {lo}", lambda v: lo <= v < math.inf)
+FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes
+    "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
+    "delta": ("in (0, 1)", lambda v: 0 < v < 1),
+    "clip": ("finite and > 0", lambda v: 0 < v < math.inf),
+    "width": ("finite and > 0", lambda v: 0 < v < math.inf),
+    **{k: ("finite and > 0", lambda v: 0 < v < math.inf) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
+    "wd": _at_least(0),
+    **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
+    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "zero_shot_n",
+                                 "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult", "log_every")},
+    "probe_n": (">= 2 (the probe standardises features over its examples)", lambda v: 2 <= v < math.inf),
+    **{k: _at_least(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
+    **{k: (">= 2 (BOS and EOS)", lambda v: 2 <= v < math.inf) for k in ("max_len", "text_len")},
+    "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' argparse: a bad or unknown flag is one `error:` line, exit code 2, instead of the usage block
+    (--help still prints it). Under torchrun every rank parses alike, so only rank 0 says why."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
+
+
+def check_flags(args):
+    """Every numeric flag of a script's argparse Namespace against FLAG_RULES, before any data is read: a value
+    that would train on nonsense (--clip nan, --n 0, --log-every 0) is a ValueError naming the flag. Flags a
+    script adds must get a rule here (tests/test_bad_input.py checks that each one has)."""
+    for name, value in vars(args).items():
+        if name in FLAG_RULES and value is not None:
+            what, ok = FLAG_RULES[name]
+            if not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def pick_device(name):
+    """--device -> torch.device: 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. A device
+    this machine lacks is a ValueError, not a traceback from the first tensor moved there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    found = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(torch.backends.mps.is_available())}
+    if dev.type not in found:
+        raise ValueError(f"--device {name}: not a device this project runs on (use auto, cpu, cuda or cuda:N)")
+    if (dev.index or 0) >= found[dev.type]:
+        raise ValueError(f"--device {name}: not on this machine ({found[dev.type]} {dev.type} device(s); "
+                         f"use --device auto)")
+    return dev
+
+
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")  # their presence means: a run already wrote here
+_LOCKS = []  # lock files this process holds, removed by release_out_dirs at exit
+
+
+def _alive(pid):
+    """Whether process `pid` exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def claim_out_dir(out, *, resume):
+    """Make --out ready for this run, or raise one DataError line; nothing in it is changed when it refuses.
+
+    Refuses a path that is a file or lies under one, a place that cannot be written, and a new run (resume False)
+    into a folder that already holds one (RUN_FILES): it would append to its metrics and overwrite its checkpoint.
+    Then takes <out>/run.lock holding this pid, so a second run on the same --out refuses instead of interleaving
+    metrics.jsonl and racing on checkpoint.pt.tmp; a lock whose process is gone is taken over. The lock is removed
+    at exit (release_out_dirs; a process killed by a signal leaves it, to be taken over). Under torchrun only
+    rank 0 writes to --out, so only it takes the lock."""
+    out = Path(out)
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise DataError(f"--out {out}: {p} is a file, not a folder")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held and not resume:
+        raise DataError(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, "
+                        f"or pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create the folder ({_why(e)})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: the folder is not writable")
+    if os.environ.get("RANK", "0") != "0":
+        return
+    lock = out / "run.lock"
+    for _ in range(2):  # a stale lock is removed once, then taken like a free one
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise DataError(f"--out {out}: another run (pid {pid}) is writing there; wait for it to end, pass "
+                                f"another --out, or delete {lock} if no run is") from None
+            lock.unlink(missing_ok=True)
+            continue
+        except OSError as e:
+            raise DataError(f"--out {out}: cannot write there ({_why(e)})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        _LOCKS.append(lock)
+        return
+    raise DataError(f"--out {out}: cannot take {lock}")
+
+
+def release_out_dirs():
+    """Remove the lock files this process took with claim_out_dir (run at exit)."""
+    while _LOCKS:
+        lock = _LOCKS.pop()
+        try:
+            if int(lock.read_text().strip() or 0) == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+atexit.register(release_out_dirs)
+
+
+def trim_metrics(path, *, step):
+    """On resume: drop the lines of metrics.jsonl past the checkpoint's step. A log line is written just before
+    its checkpoint, so a run killed between the two leaves a line that the resumed run would write again.
+    Lines that are not JSON (a half-written last line) are dropped too. The file is rewritten only if needed, and
+    only by rank 0 under torchrun (the one that writes it)."""
+    path = Path(path)
+    if not path.is_file() or os.environ.get("RANK", "0") != "0":
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        whole = line.endswith("\n") and isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        if whole and rec["step"] <= step:
+            keep.append(line)
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "args", "step", "accountant", "rng")  # what --resume reads
+_SCRIPT_FLAGS = {"mae_dp": "syn_steps", "cap_dp": "max_len", "clip_dp": "micro_batch", "randp": "lp_steps"}
+
+
+def checkpoint_script(ckpt):
+    """The stem of the script that wrote a checkpoint dict: its "script" key, or for a checkpoint written before
+    that key, the script whose own flag its args hold; None when neither says (a bare state_dict)."""
+    if isinstance(ckpt.get("script"), str):
+        return ckpt["script"]
+    args = ckpt.get("args")
+    return next((s for s, flag in _SCRIPT_FLAGS.items() if isinstance(args, dict) and flag in args), None)
+
+
+def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
+    """Read the checkpoint that `flag` (--resume or --init) names, with torch.load(weights_only=True), or raise one
+    DataError line naming the flag and the file: missing, 0 bytes, a folder, truncated, not a dict (a bare tensor),
+    a dict without `keys`, a checkpoint of a script not in `script` (a stem or a tuple of stems), or a pickle that
+    holds anything but tensors and plain containers (refused unread: such a file is never loaded, so the message
+    does not offer torch's way round the refusal). keys=() asks only for weights: a dict with a "model" state_dict,
+    or a bare state_dict (a dict of tensors, e.g. the ViP-Syn cache)."""
+    path = Path(path)
+    scripts = (script,) if isinstance(script, str) else tuple(script)
+    where = f"{flag} {path}"
+    if not path.exists():
+        raise DataError(f"{where}: no such file")
+    if path.is_dir():
+        raise DataError(f"{where}: a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: empty file (0 bytes), not a checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error line says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False, which would run the payload
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it would import {what.group(1)}" if what else "not a pickle of tensors and plain containers"
+        raise DataError(f"{where}: refused, not loaded ({what}); checkpoints of this project hold only "
+                        f"tensors, numbers, strings, lists and dicts") from None
+    except Exception as e:  # a truncated zip, a text file: torch's words, unless they mention weights_only
+        why = "" if "weights_only" in str(e) else f" ({_why(e).split('. ')[0][:120]})"
+        raise DataError(f"{where}: not a readable checkpoint (truncated, or not written by torch.save){why}") from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{where}: holds a {type(ckpt).__name__}, not a checkpoint dict of {'/'.join(scripts)}.py")
+    wrote = checkpoint_script(ckpt)
+    if wrote is not None and wrote not in scripts:
+        raise DataError(f"{where}: a checkpoint of {wrote}.py; this flag takes one of {'/'.join(scripts)}.py")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (no {', '.join(missing)})")
+    if not isinstance(ckpt.get("args", {}), dict) or not isinstance(ckpt.get("step", 0), int):
+        raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (its args or step have the wrong type)")
+    bare = all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if not keys and not isinstance(ckpt.get("model"), dict) and not bare:
+        raise DataError(f"{where}: neither a checkpoint of {'/'.join(scripts)}.py nor a state_dict of tensors")
+    return ckpt
+
+
+def load_weights(module, state, *, where):
+    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size) is one DataError
+    line naming `where` (e.g. "--init PATH") instead of torch's many lines."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{where}: weights do not fit this model; pass the --model, --patch and --size of the run "
+                        f"that wrote them ({_why(e)[:200]})") from None
+
+
+def check_labels(ds, *, flag):
+    """The number of classes of a labelled set a classifier trains on, or one DataError line naming `flag`: labels
+    outside [0, number of classes), or a single class (an accuracy of 1.0 would mean nothing)."""
+    k = len(ds.classes) if ds.classes else int(ds.labels.max()) + 1
+    if ds.labels.min() < 0 or ds.labels.max() >= k:
+        raise DataError(f"{flag}: labels outside the {k} classes 0-{k - 1} (min {int(ds.labels.min())}, "
+                        f"max {int(ds.labels.max())})")
+    if len(ds.labels.unique()) < 2:
+        raise DataError(f"{flag}: every example has the same label: nothing to classify")
+    return k
+
+
+def check_captions(ds, *, flag):
+    """Captioned data for a text loss: all captions empty is a DataError (nothing to learn from the text); some
+    empty is a warning with their count on stderr (they still train, on BOS and EOS alone)."""
+    empty = sum(not c.strip() for c in ds.captions)
+    if empty == len(ds.captions):
+        raise DataError(f"{flag}: every caption is empty")
+    if empty and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
+        print(f"warning: {flag}: {empty} of {len(ds.captions)} captions are empty", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# file formats: readers for datasets on disk (nothing here matters for privacy)
+# Decoding first, then one reader per format, each returning an ImageDataset; load_dataset picks one.
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SPLIT_DIRS = {"train": ("train", "training"), "test": ("test", "val", "validation")}
@@ -1023,55 +1349,85 @@ def _load_table(path, size):
     return _lazy(path.stem, size, files, captions=captions)
 
 
-# -----------------------------------------------------------------------------
-# load_dataset: the one entry point
+# --- load_dataset: the one entry point
+
+
+def _suffix(path):
+    """A file's format suffix, lower case; .tar.gz counts as one."""
+    return "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".tar.gz") else path.suffix.lower()
+
+
+def _cifar(path, split):
+    """(opener, where) of the CIFAR files in path, or None."""
+    opener, where = _cifar_files(path)
+    return (opener, where) if opener else None
+
+
+def _load_shards(path, split, size, hit):
+    base = _split_root(path, split, "shards")
+    shards = sorted(base.glob("*.tar"))
+    if not shards:
+        raise DataError(f"{base}: no .tar shards")
+    return _load_webdataset(shards, f"{path.name}-{split}", size)
+
+
+def _load_tables(path, split, size, tables):
+    hit = [p for p in tables if p.stem.lower() in _SPLIT_DIRS.get(split, (split,))]
+    if hit:
+        return _load_table(hit[0], size)
+    if len(tables) == 1 and split == "train":
+        return _load_table(tables[0], size)
+    raise DataError(f"{path}: no {split}.tsv/.csv among {', '.join(p.name for p in tables)}")
+
+
+def _not_cifar(path, split, size, hit):
+    raise DataError(f"{path}: a .tar.gz that is not CIFAR; extract it first (tar xzf {path.name} -C DIR) "
+                    f"and pass DIR")
+
+
+def _single_image(path, split, size, hit):
+    raise DataError(f"{path}: a single image; pass the folder that holds the dataset")
+
+
+def _unknown_format(path, split, size, hit):
+    raise DataError(f"{path}: unknown dataset format (expected a folder, CIFAR .tar.gz, .tar shards, .tsv/.csv "
+                    f"or COCO .json)")
+
+
+def _empty_folder(path, split, size, hit):
+    raise DataError(f"{path}: empty folder")
+
+
+_TARS = (".tar.gz", ".tgz", ".tar")
+# (test(path, split), read(path, split, size, hit)), walked in order: the first test that returns a hit (anything
+# truthy) wins, and its reader gets the hit, so what a test found (the CIFAR files, the tables) is not looked up
+# twice. The last row of each table always matches.
+_FILE_READERS = (  # a file, by its suffix
+    (lambda p, s: _suffix(p) in (".tsv", ".csv", ".txt"), lambda p, s, size, hit: _load_table(p, size)),
+    (lambda p, s: _suffix(p) == ".json", lambda p, s, size, hit: _load_coco(p, size)),
+    (lambda p, s: _suffix(p) in _TARS and _cifar(p, s), lambda p, s, size, hit: _load_cifar(p, s, size, *hit)),
+    (lambda p, s: _suffix(p) == ".tar", lambda p, s, size, hit: _load_webdataset([p], p.stem, size)),  # shards
+    (lambda p, s: _suffix(p) in _TARS, _not_cifar),  # .tar.gz or .tgz
+    (lambda p, s: _suffix(p) in IMAGE_EXTS, _single_image),
+    (lambda p, s: True, _unknown_format),
+)
+_FOLDER_READERS = (  # a folder, by what it holds
+    (_cifar, lambda p, s, size, hit: _load_cifar(p, s, size, *hit)),
+    (lambda p, s: any(p.glob("*idx3-ubyte*")), lambda p, s, size, hit: _load_idx(p, s, size)),
+    (_coco_json, lambda p, s, size, hit: _load_coco(hit, size)),  # hit: the captions json for the split
+    (lambda p, s: any(p.glob("*.tar")) or any(p.glob("*/*.tar")), _load_shards),
+    (lambda p, s: sorted(f for f in p.iterdir() if f.suffix.lower() in (".tsv", ".csv")), _load_tables),
+    (lambda p, s: not any(p.iterdir()), _empty_folder),
+    (lambda p, s: True, lambda p, s, size, hit: _load_folder(p, s, size)),  # class folders, or images
+)
 
 
 def _detect(path, split, size):
-    """Pick the reader for a path; DataError when nothing fits."""
-    if path.is_file():
-        suffix = "".join(path.suffixes[-2:]).lower() if path.name.lower().endswith(".tar.gz") else path.suffix.lower()
-        if suffix in (".tsv", ".csv", ".txt"):
-            return _load_table(path, size)
-        if suffix == ".json":
-            return _load_coco(path, size)
-        if suffix in (".tar.gz", ".tgz", ".tar"):
-            opener, where = _cifar_files(path)
-            if opener:
-                return _load_cifar(path, split, size, opener, where)
-            if suffix == ".tar":
-                return _load_webdataset([path], path.stem, size)
-            raise DataError(f"{path}: a .tar.gz that is not CIFAR; extract it first (tar xzf {path.name} -C DIR) "
-                            f"and pass DIR")
-        if suffix in IMAGE_EXTS:
-            raise DataError(f"{path}: a single image; pass the folder that holds the dataset")
-        raise DataError(f"{path}: unknown dataset format (expected a folder, CIFAR .tar.gz, .tar shards, .tsv/.csv "
-                        f"or COCO .json)")
-    opener, where = _cifar_files(path)
-    if opener:
-        return _load_cifar(path, split, size, opener, where)
-    if any(path.glob("*idx3-ubyte*")):
-        return _load_idx(path, split, size)
-    coco = _coco_json(path, split)
-    if coco is not None:
-        return _load_coco(coco, size)
-    if any(path.glob("*.tar")) or any(path.glob("*/*.tar")):
-        base = _split_root(path, split, "shards")
-        shards = sorted(base.glob("*.tar"))
-        if not shards:
-            raise DataError(f"{base}: no .tar shards")
-        return _load_webdataset(shards, f"{path.name}-{split}", size)
-    tables = sorted(p for p in path.iterdir() if p.suffix.lower() in (".tsv", ".csv"))
-    if tables:
-        hit = [p for p in tables if p.stem.lower() in _SPLIT_DIRS.get(split, (split,))]
+    """Pick the reader for a path (the first row of its table whose test hits); DataError when nothing fits."""
+    for test, read in _FILE_READERS if path.is_file() else _FOLDER_READERS:
+        hit = test(path, split)
         if hit:
-            return _load_table(hit[0], size)
-        if len(tables) == 1 and split == "train":
-            return _load_table(tables[0], size)
-        raise DataError(f"{path}: no {split}.tsv/.csv among {', '.join(p.name for p in tables)}")
-    if not any(path.iterdir()):
-        raise DataError(f"{path}: empty folder")
-    return _load_folder(path, split, size)
+            return read(path, split, size, hit)
 
 
 def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
@@ -1083,8 +1439,8 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     image, caption = its first caption, all of them in ds.all_captions: the privacy unit stays the image),
     webdataset .tar shards (key.jpg + key.txt [+ key.cls]; index cached as <shard>.idx.json), TSV/CSV of
     image_path<TAB>caption. Splits: train / test (test also finds val). n: a seeded random subset of n examples
-    (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized (short side) and centre-cropped
-    to size x size.
+    (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized
+    (short side) and centre-cropped to size x size.
     """
     if path_or_name == "shapes":
         return shapes(split, size=size, n=n, seed=seed)
@@ -1114,7 +1470,8 @@ def _subset(ds, n, seed):
         raise DataError(f"{ds.name}: n must be positive, got {n}")
     if n >= len(ds):
         return ds
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(_seed_from("subset", seed)))[:n].sort().values
+    g = torch.Generator().manual_seed(_seed_from("subset", seed))
+    keep = torch.randperm(len(ds), generator=g)[:n].sort().values
     parent = ds
     out = ImageDataset(ds.name, size=ds.size, channels=ds.channels, n=n,
                        decode=None if ds._pixels is not None else (lambda i: parent.images([int(keep[i])])[0]),
@@ -1124,325 +1481,6 @@ def _subset(ds, n, seed):
     if hasattr(ds, "all_captions"):
         out.all_captions = [ds.all_captions[i] for i in keep.tolist()]
     return out
-
-
-def check_labels(ds, *, flag):
-    """The number of classes of a labelled set a classifier trains on, or one DataError line naming `flag`: labels
-    outside [0, number of classes), or a single class (an accuracy of 1.0 would mean nothing)."""
-    k = len(ds.classes) if ds.classes else int(ds.labels.max()) + 1
-    if ds.labels.min() < 0 or ds.labels.max() >= k:
-        raise DataError(f"{flag}: labels outside the {k} classes 0-{k - 1} (min {int(ds.labels.min())}, "
-                        f"max {int(ds.labels.max())})")
-    if len(ds.labels.unique()) < 2:
-        raise DataError(f"{flag}: every example has the same label: nothing to classify")
-    return k
-
-
-def check_captions(ds, *, flag):
-    """Captioned data for a text loss: all captions empty is a DataError (nothing to learn from the text); some
-    empty is a warning with their count on stderr (they still train, on BOS and EOS alone)."""
-    empty = sum(not c.strip() for c in ds.captions)
-    if empty == len(ds.captions):
-        raise DataError(f"{flag}: every caption is empty")
-    if empty and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it once
-        print(f"warning: {flag}: {empty} of {len(ds.captions)} captions are empty", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# run plumbing shared by the scripts (no DP here): flags, device, output folder, checkpoints, metrics.
-# Each script calls these at the same place with the same lines, so that bad input ends in one `error:` line
-# (the scripts' __main__ turns DataError and ValueError into it, exit code 2) before anything is read or written.
-
-_at_least = lambda lo: (f">= {lo}", lambda v: lo <= v < math.inf)
-FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes
-    "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
-    "delta": ("in (0, 1)", lambda v: 0 < v < 1),
-    "clip": ("finite and > 0", lambda v: 0 < v < math.inf),
-    "width": ("finite and > 0", lambda v: 0 < v < math.inf),
-    **{k: ("finite and > 0", lambda v: 0 < v < math.inf) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
-    "wd": _at_least(0),
-    **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
-    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "zero_shot_n",
-                                 "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult", "log_every")},
-    "probe_n": (">= 2 (the probe standardises features over its examples)", lambda v: 2 <= v < math.inf),
-    **{k: _at_least(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
-    **{k: (">= 2 (BOS and EOS)", lambda v: 2 <= v < math.inf) for k in ("max_len", "text_len")},
-    "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),
-    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
-}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' argparse: a bad or unknown flag is one `error:` line, exit code 2, instead of the usage block
-    (--help still prints it). Under torchrun every rank parses alike, so only rank 0 says why."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
-
-
-def check_flags(args):
-    """Every numeric flag of a script's argparse Namespace against FLAG_RULES, before any data is read: a value
-    that would train on nonsense (--clip nan, --n 0, --log-every 0) is a ValueError naming the flag. Flags a
-    script adds must get a rule here (tests/test_bad_input.py checks that each one has)."""
-    for name, value in vars(args).items():
-        if name in FLAG_RULES and value is not None:
-            what, ok = FLAG_RULES[name]
-            if not ok(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-
-
-def pick_device(name):
-    """--device -> torch.device: 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'. A device
-    this machine lacks is a ValueError, not a traceback from the first tensor moved there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    found = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-             "mps": int(torch.backends.mps.is_available())}
-    if dev.type not in found:
-        raise ValueError(f"--device {name}: not a device this project runs on (use auto, cpu, cuda or cuda:N)")
-    if (dev.index or 0) >= found[dev.type]:
-        raise ValueError(f"--device {name}: not on this machine ({found[dev.type]} {dev.type} device(s); "
-                         f"use --device auto)")
-    return dev
-
-
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")  # their presence means: a run already wrote here
-_LOCKS = []  # lock files this process holds, removed by release_out_dirs at exit
-
-
-def _alive(pid):
-    """Whether process `pid` exists (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def claim_out_dir(out, *, resume):
-    """Make --out ready for this run, or raise one DataError line; nothing in it is changed when it refuses.
-
-    Refuses a path that is a file or lies under one, a place that cannot be written, and a new run (resume False)
-    into a folder that already holds one (RUN_FILES): it would append to its metrics and overwrite its checkpoint.
-    Then takes <out>/run.lock holding this pid, so a second run on the same --out refuses instead of interleaving
-    metrics.jsonl and racing on checkpoint.pt.tmp; a lock whose process is gone is taken over. The lock is removed
-    at exit (release_out_dirs; a process killed by a signal leaves it, to be taken over). Under torchrun only
-    rank 0 writes to --out, so only it takes the lock."""
-    out = Path(out)
-    for p in [out, *out.parents]:
-        if p.exists() and not p.is_dir():
-            raise DataError(f"--out {out}: {p} is a file, not a folder")
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if held and not resume:
-        raise DataError(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, "
-                        f"or pass another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot create the folder ({_why(e)})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: the folder is not writable")
-    if os.environ.get("RANK", "0") != "0":
-        return
-    lock = out / "run.lock"
-    for _ in range(2):  # a stale lock is removed once, then taken like a free one
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise DataError(f"--out {out}: another run (pid {pid}) is writing there; wait for it to end, pass "
-                                f"another --out, or delete {lock} if no run is") from None
-            lock.unlink(missing_ok=True)
-            continue
-        except OSError as e:
-            raise DataError(f"--out {out}: cannot write there ({_why(e)})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        _LOCKS.append(lock)
-        return
-    raise DataError(f"--out {out}: cannot take {lock}")
-
-
-def release_out_dirs():
-    """Remove the lock files this process took with claim_out_dir (run at exit)."""
-    while _LOCKS:
-        lock = _LOCKS.pop()
-        try:
-            if int(lock.read_text().strip() or 0) == os.getpid():
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
-
-
-atexit.register(release_out_dirs)
-
-
-def trim_metrics(path, *, step):
-    """On resume: drop the lines of metrics.jsonl past the checkpoint's step. A log line is written just before
-    its checkpoint, so a run killed between the two leaves a line that the resumed run would write again.
-    Lines that are not JSON (a half-written last line) are dropped too. The file is rewritten only if needed, and
-    only by rank 0 under torchrun (the one that writes it)."""
-    path = Path(path)
-    if not path.is_file() or os.environ.get("RANK", "0") != "0":
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        whole = line.endswith("\n") and isinstance(rec, dict) and isinstance(rec.get("step"), int)
-        if whole and rec["step"] <= step:
-            keep.append(line)
-    if keep != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "args", "step", "accountant", "rng")  # what --resume reads
-_SCRIPT_FLAGS = {"mae_dp": "syn_steps", "cap_dp": "max_len", "clip_dp": "micro_batch", "randp": "lp_steps"}
-
-
-def checkpoint_script(ckpt):
-    """The stem of the script that wrote a checkpoint dict: its "script" key, or for a checkpoint written before
-    that key, the script whose own flag its args hold; None when neither says (a bare state_dict)."""
-    if isinstance(ckpt.get("script"), str):
-        return ckpt["script"]
-    args = ckpt.get("args")
-    return next((s for s, flag in _SCRIPT_FLAGS.items() if isinstance(args, dict) and flag in args), None)
-
-
-def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
-    """Read the checkpoint that `flag` (--resume or --init) names, with torch.load(weights_only=True), or raise one
-    DataError line naming the flag and the file: missing, 0 bytes, a folder, truncated, not a dict (a bare tensor),
-    a dict without `keys`, a checkpoint of a script not in `script` (a stem or a tuple of stems), or a pickle that
-    holds anything but tensors and plain containers (refused unread: such a file is never loaded, so the message
-    does not offer torch's way round the refusal). keys=() asks only for weights: a dict with a "model" state_dict,
-    or a bare state_dict (a dict of tensors, e.g. the ViP-Syn cache)."""
-    path = Path(path)
-    scripts = (script,) if isinstance(script, str) else tuple(script)
-    where = f"{flag} {path}"
-    if not path.exists():
-        raise DataError(f"{where}: no such file")
-    if path.is_dir():
-        raise DataError(f"{where}: a folder, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{where}: empty file (0 bytes), not a checkpoint")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error line says enough
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False, which would run the payload
-        what = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it would import {what.group(1)}" if what else "not a pickle of tensors and plain containers"
-        raise DataError(f"{where}: refused, not loaded ({what}); checkpoints of this project hold only "
-                        f"tensors, numbers, strings, lists and dicts") from None
-    except Exception as e:  # a truncated zip, a text file: torch's words, unless they mention weights_only
-        why = "" if "weights_only" in str(e) else f" ({_why(e).split('. ')[0][:120]})"
-        raise DataError(f"{where}: not a readable checkpoint (truncated, or not written by torch.save){why}") from None
-    if not isinstance(ckpt, dict):
-        raise DataError(f"{where}: holds a {type(ckpt).__name__}, not a checkpoint dict of {'/'.join(scripts)}.py")
-    wrote = checkpoint_script(ckpt)
-    if wrote is not None and wrote not in scripts:
-        raise DataError(f"{where}: a checkpoint of {wrote}.py; this flag takes one of {'/'.join(scripts)}.py")
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (no {', '.join(missing)})")
-    if not isinstance(ckpt.get("args", {}), dict) or not isinstance(ckpt.get("step", 0), int):
-        raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (its args or step have the wrong type)")
-    bare = all(isinstance(v, torch.Tensor) for v in ckpt.values())
-    if not keys and not isinstance(ckpt.get("model"), dict) and not bare:
-        raise DataError(f"{where}: neither a checkpoint of {'/'.join(scripts)}.py nor a state_dict of tensors")
-    return ckpt
-
-
-def load_weights(module, state, *, where):
-    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size) is one DataError
-    line naming `where` (e.g. "--init PATH") instead of torch's many lines."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(f"{where}: weights do not fit this model; pass the --model, --patch and --size of the run "
-                        f"that wrote them ({_why(e)[:200]})") from None
-
-
-# -----------------------------------------------------------------------------
-# evaluation shared by the scripts: a linear probe on frozen features (NOT private: it reads probe labels)
-
-
-def linear_probe(encode, train, test, *, device, batch=256, steps=200):
-    """Test accuracy of logistic regression on frozen features (the linear-probe protocol of MAE, ViP, DP-Cap).
-
-    encode(x) maps float images (B, C, H, W) in [-1, 1] on `device` to features (B, D). Features are standardised
-    with the probe *training* set's mean and std (downstream data, not the private set), then a linear head is fit
-    full-batch with L-BFGS and a small L2 penalty. Grey sets are fed as they are: encode decides on channels.
-    """
-    if train.labels is None or test.labels is None:
-        raise DataError(f"{train.name}: the linear probe needs labels")
-
-    @torch.no_grad()
-    def features(ds):
-        out = []
-        for i in range(0, len(ds), batch):
-            x = normalize(ds.images(torch.arange(i, min(i + batch, len(ds))))).to(device)
-            out.append(encode(x).float().cpu())
-        return torch.cat(out)  # (N, D)
-
-    ftr, fte = features(train), features(test)
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    with torch.enable_grad():
-        head = torch.nn.Linear(ftr.shape[1], int(max(train.labels.max(), test.labels.max())) + 1)
-        opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(head(ftr), train.labels) + 1e-4 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    with torch.no_grad():
-        return (head(fte).argmax(1) == test.labels).float().mean().item()
-
-
-def _grid_main(argv):
-    """python data.py grid KIND OUT.png [N]: a grid of shapes (with captions), of a dataset, or of a random-process
-    kind. Returns the exit code; bad arguments are one `error:` line, exit code 2."""
-    usage = "usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]"
-    if len(argv) not in (3, 4) or argv[0] != "grid":
-        print(usage, file=sys.stderr)
-        return 2
-    kind, out, n_arg = argv[1], Path(argv[2]), argv[3] if len(argv) == 4 else "32"
-    try:
-        if not n_arg.isdigit() or int(n_arg) < 1:
-            raise DataError(f"N must be a whole number >= 1, got {n_arg!r}")
-        count = int(n_arg)
-        if out.is_dir() or not out.parent.is_dir():
-            raise DataError(f"{out}: {'a folder' if out.is_dir() else 'its folder does not exist'}; give a .png path")
-        if kind in _GENERATORS:
-            save_grid(_GENERATORS[kind](count, 32, torch.Generator().manual_seed(0)), out, scale=2)
-        else:
-            ds = load_dataset(kind, n=count)
-            idx = torch.arange(min(count, len(ds)))
-            save_grid(ds.images(idx), out, captions=ds.captions and [ds.captions[i] for i in idx], scale=4, nrow=8)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
