@@ -453,11 +453,12 @@ def lr_at(step, total, peak, warmup):
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, sigma, per_call, noise_gen,
-                     canaries=None, shard=(0, 1), batch_grad=None):
+def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, noise_std,
+                     per_call, noise_gen, canaries=None, shard=(0, 1), batch_grad=None):
     """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
     members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
-    those micro-batches; sigma is the accountant's noise multiplier. Returns dp_step's (gradient, mean loss).
+    those micro-batches; noise_std is the noise on the clipped sum, sigma * 2C (module docstring).
+    Returns dp_step's (gradient, mean loss).
     shard=(rank, world), for torchrun: every rank holds the whole step's micro-batches and computes rank, rank +
     world, ... of them; dp_step sums the ranks' shares. The divisor K counts the micro-batches of the whole step.
     batch_grad (from make_batch_grad): --eps inf, the same micro-batches through plain_step, unclipped and unnoised."""
@@ -476,8 +477,8 @@ def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, loa
 
     if batch_grad is not None:  # NOT private
         return plain_step(batch_grad, params, buffers, calls, load, expected_batch=K)
-    # sensitivity 2C (module docstring): noise sigma * 2C on the sum; divide by K, the micro-batches per step
-    return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, sigma=2 * sigma, expected_batch=K,
+    # divide by K, the micro-batches per step (public: from the flags alone)
+    return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, noise_std=noise_std, expected_batch=K,
                    noise_gen=noise_gen, canaries=canaries)
 
 
@@ -524,6 +525,187 @@ def retrieval(model, ds, text_len, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: run plumbing (resume, torchrun, secret generators, checkpoint, log, release). It teaches no
+# DP method and is identical in every script; tests/test_scripts.py compares the copies.
+
+
+def resumed(parser, args, out, older=None):
+    """--resume continues the checkpoint's run with the checkpoint's flags. Returns (args, checkpoint or None).
+    older: the values an older checkpoint's run had for flags added since (else a newer flag takes its default)."""
+    if not args.resume:
+        return args, None
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    ckpt = data.load_checkpoint(path, flag="--resume", script=Path(__file__).stem)
+    changed = [k for k, v in vars(args).items()
+               if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+    if any(k not in ("out", "name", "device", "log_every") for k in changed):
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {flags}")
+    defaults = {k: parser.get_default(k) for k in vars(args)} | (older or {})
+    return argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
+                                 "device": args.device}), ckpt
+
+
+def start(args, out, ckpt, device):
+    """Seeding, the run folder and torchrun. Returns (rank, world, device).
+    --seed is public: it fixes the initialisation, augmentation and embedded data, never the sample or the noise.
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) no process group exists.
+    Every rank builds the same model and draws the same global Poisson sample, then keeps its shard
+    (data.poisson_batches); dp_step sums the shards and adds the noise once; rank 0 alone prints and writes."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
+    if ckpt:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
+        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank:  # errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def earlier_runs(args, ckpt, scripts):
+    """--init from an earlier run: a DP run on the same data composes with this one; public weights cost nothing."""
+    if ckpt:
+        return ckpt.get("init", dict(prior=None, note=None, pipeline=[]))
+    if getattr(args, "init", "none") in ("none", "syn"):
+        return dict(prior=None, note=None, pipeline=[])
+    return init_prior(data.load_checkpoint(args.init, flag="--init", script=scripts, keys=()),
+                      path=args.init, disjoint=args.init_data_disjoint)
+
+
+def privacy_plan(args, private, audit, earlier, detail=""):
+    """accountant.py turns --eps, --delta, B, N and the steps into q and sigma; printed in one block."""
+    n = len(private)
+    n_total = n + (audit.n_included if audit else 0)  # --audit M: joined canaries are private data too
+    if audit and args.eps == math.inf:
+        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size,
+                       steps=args.steps, prior=earlier["prior"])
+    canaries = f" ({n} + {n_total - n} canaries)" if audit else ""
+    print(f"private data: {private.name}, N={n_total}{canaries} | q={plan['q']:.5f} (B={args.batch_size}) "
+          f"sigma={plan['sigma']:.4f} steps={args.steps}{detail} clip={args.clip} delta={plan['delta']:.3g} "
+          f"-> target eps={args.eps}")
+    if args.debug_no_noise:
+        print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
+              "(a deliberately broken run, for testing the audit)")
+    if earlier["note"]:
+        print(earlier["note"] + (f" (eps {plan['prior_eps']:.3f} spent before this run)" if earlier["prior"] else ""))
+    if args.insecure_seed:
+        print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
+              "printed holds only while that seed stays secret (for tests that replay a run)")
+    if args.eps == math.inf:
+        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
+    return plan, n_total
+
+
+def generators(args, device, rank, world):
+    """(sample_gen, aug_gen, noise_gen). The Poisson sample and the noise draw from secret seeds (the OS), never
+    from the public --seed; under torchrun every rank draws the same global sample, so takes rank 0's seed."""
+    sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
+    if world > 1:
+        shared = [sample_seed]
+        dist.broadcast_object_list(shared, src=0)
+        sample_seed = shared[0]
+    return (torch.Generator().manual_seed(sample_seed),  # Poisson sampling (secret)
+            torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank),  # augmentation (public), one per rank
+            torch.Generator(device=device).manual_seed(noise_seed))  # DP noise (secret)
+
+
+def restore(ckpt, model, opt, accountant, audit, gens, rank, delta):
+    """Load a checkpoint's weights, optimiser, accountant, audit and random streams. Returns its step."""
+    data.load_weights(model, ckpt["model"], where="--resume checkpoint.pt")
+    opt.load_state_dict(ckpt["optimizer"])
+    accountant.load_state_dict(ckpt["accountant"])
+    if audit:
+        audit.load_state_dict(ckpt["audit"])
+    sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
+    # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
+    for g, s in zip(gens, (sample_state, aug_states[rank % len(aug_states)], noise_state)):
+        g.set_state(s)
+    torch.set_rng_state(torch_state)
+    print(f"resumed at step {ckpt['step']}, eps so far {accountant.epsilon(delta):.3f}")
+    return ckpt["step"]
+
+
+def save_checkpoint(path, gens, rank, world, **state):
+    """Every rank calls it (each holds its own augmentation stream); rank 0 writes the file, atomically."""
+    sample_gen, aug_gen, noise_gen = gens
+    aug_states = [aug_gen.get_state()] * world
+    if world > 1:
+        dist.all_gather_object(aug_states, aug_gen.get_state())
+    if rank:
+        return
+    rng = [sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()]
+    torch.save(dict(state, rng=rng, script=Path(__file__).stem), str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
+
+
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+    """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
+    the private data (the batch size counts the sampling coins), so they are logged only with --log-private."""
+    update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
+    rec = dict(step=step, **extra, eps=eps, lr=lr, time=time.time() - t0,
+               noisy_grad_norm=float(torch.stack(update).norm()))
+    if args.log_private:
+        rec.update(loss=loss, batch=batch, private=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    phase = "".join(f" ({v})" for v in extra.values())
+    tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
+
+
+def finish(world, rank):
+    """Training is over: evaluation and outputs are rank 0's alone. Returns True on the ranks that stop here."""
+    if world > 1:
+        dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
+        dist.destroy_process_group()
+    return rank > 0
+
+
+def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
+    """Write the release, model.pt (weights + privacy record) and summary.json, and print the privacy lines.
+    checkpoint.pt holds the secret generator states, metrics.jsonl written with --log-private the clean loss:
+    never publish those two."""
+    q, sigma, delta = plan["q"], plan["sigma"], plan["delta"]
+    eps_spent, is_private = accountant.epsilon(delta), args.eps < math.inf and not args.debug_no_noise
+    audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
+    eps_alone = epsilon(q=q, sigma=sigma, steps=steps, delta=delta)
+    pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=data_name,
+                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=steps)]
+    privacy = dict(private=is_private, eps=eps_spent, delta=delta, data=data_name, n=n_total, init=earlier["note"],
+                   accountant=accountant.state_dict(), pipeline=pipeline)
+    weights = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
+    torch.save(weights, str(out / "model.pt") + ".tmp")
+    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
+    summary = dict(private=is_private, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+                   steps=steps, clip=args.clip, data=data_name) | summary
+    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline,
+                   audit=audit_result, debug_no_noise=args.debug_no_noise, args=vars(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={steps})" +
+          ("" if args.eps < math.inf else ": NOT PRIVATE (--eps inf)"))
+    if earlier["prior"]:
+        print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
+    if audit_result:
+        verdict = ("VIOLATION, the run is less private than it claims" if audit_result["violation"]
+                   else "consistent with the claim")
+        saturated = (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a"
+                     " larger eps)") if audit_result["saturated"] else ""
+        print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= "
+              f"{audit_result['eps_lower_bound']:.3f} at {audit_result['confidence']:.0%} confidence vs claimed eps "
+              f"{eps_spent:.3f}: {verdict}{saturated}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -551,47 +733,14 @@ def main(argv=None):
     parser, args = parse_args(argv)
     t0 = time.time()
     out = Path(args.out or f"runs/{args.name or f'clip_dp_eps{args.eps:g}_s{args.seed}'}")
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = data.load_checkpoint(ckpt_path, flag="--resume", script=Path(__file__).stem)
-        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
-        if any(k not in ("out", "name", "device", "log_every") for k in changed):
-            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
-        defaults.update(stem="linear", captions="full")  # except these two: an older run had no other kind
-        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
-                                     "device": args.device})
-    # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
-    data.check_flags(args)
+    args, ckpt = resumed(parser, args, out)  # a resumed run is the same run: its flags come from the checkpoint
+    data.check_flags(args)  # every numeric flag and the device, before any data is read
     device = data.pick_device(args.device)
     args.patch = args.patch or {"xs": 8, "small": 4}.get(args.model, 16)
-
-    # --- seeding and run naming (identical in every script) ---
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    rank, world, device = start(args, out, ckpt, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
-    if args.resume:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
-        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
 
-    # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
-    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
-    # process group exists. Every rank builds the same model and draws the same global sample from the same
-    # seeded sample_gen, then keeps its shard (data.poisson_batches); dp_step sums the shards and adds the noise
-    # once. Augmentations draw from a stream per rank (aug_gen); rank 0 alone prints, logs, checkpoints, evaluates.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank:  # errors still reach stderr
-        sys.stdout = open(os.devnull, "w")
-
-    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
+    # --- data and privacy plan ---
     n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
@@ -619,38 +768,17 @@ def main(argv=None):
         raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
     if args.retrieval_data == "shapes":  # retrieved in the training captions' style
         held_out.captions = data.shapes_captions(held_out.captions, args.captions)
-    # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
-    audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
-    n_total = len(private) + (audit.n_included if audit else 0)
-    if audit and args.eps == math.inf:
-        raise ValueError("--audit checks a privacy claim; --eps inf makes none")
-    # --init from an earlier run: a DP run on the same data composes with this one (rule 4); public weights are free
-    earlier = dict(prior=None, note=None, pipeline=[])
-    if args.resume:
-        earlier = ckpt.get("init", earlier)
-    elif args.init not in ("none",):
-        earlier = init_prior(data.load_checkpoint(args.init, flag="--init", script=("mae_dp", "clip_dp"), keys=()),
-                             path=args.init, disjoint=args.init_data_disjoint)
-    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps,
-                       prior=earlier["prior"])
-    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
-    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
     if K < world:  # torchrun: every rank computes at least one micro-batch
-        raise ValueError(f"--batch-size / --micro-batch gives K={K} micro-batches per step, fewer than the {world} processes")
-    print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
-          f"steps={args.steps} clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
-    if args.debug_no_noise:
-        print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
-              "(a deliberately broken run, for testing the audit)")
-    if earlier["note"]:
-        print(earlier["note"] + (f" (eps {plan['prior_eps']:.3f} spent before this run)" if earlier["prior"] else ""))
-    if args.insecure_seed:
-        print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
-              "printed holds only while that seed stays secret (for tests that replay a run)")
-    print(f"micro-batches: K={K} per step of about m={args.batch_size / K:.1f} pairs; noise sigma*2C={2 * sigma * args.clip:.4f} on their sum")
-    if not is_private:
-        print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
+        raise ValueError(f"--batch-size / --micro-batch gives K={K} micro-batches per step, fewer than the {world} "
+                         "processes")
+    audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
+    earlier = earlier_runs(args, ckpt, scripts=("mae_dp", "clip_dp"))
+    plan, n_total = privacy_plan(args, private, audit, earlier)
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
+    print(f"micro-batches: K={K} per step of about m={args.batch_size / K:.1f} pairs; noise sigma*2C="
+          f"{2 * sigma * args.clip:.4f} on their sum")
 
     # --- initialisation: random, or the image encoder of a mae_dp.py run ---
     model = build_model(args, private.channels).to(device)
@@ -667,67 +795,38 @@ def main(argv=None):
     accountant = RDPAccountant()
     if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
         accountant.load_state_dict(earlier["prior"])
-    # secret randomness (rule 3): the Poisson sample and the noise draw from the OS, never from the public --seed;
-    # torchrun: every rank draws the same global sample, so every rank takes rank 0's sampling seed
-    sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
-    if world > 1:
-        shared = [sample_seed]
-        dist.broadcast_object_list(shared, src=0)
-        sample_seed = shared[0]
-    sample_gen = torch.Generator().manual_seed(sample_seed)  # Poisson sampling and micro-batch assignment
-    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops (public)
-    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)  # DP noise
-    step = 0
-    if args.resume:
-        data.load_weights(model, ckpt["model"], where=f"--resume {ckpt_path}")
-        opt.load_state_dict(ckpt["optimizer"])
-        accountant.load_state_dict(ckpt["accountant"])
-        if audit:
-            audit.load_state_dict(ckpt["audit"])
-        step = ckpt["step"]
-        sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
-        # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
-        for g, s in zip((sample_gen, aug_gen, noise_gen), (sample_state, aug_states[rank % len(aug_states)], noise_state)):
-            g.set_state(s)
-        torch.set_rng_state(torch_state)
-        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
+    gens = sample_gen, aug_gen, noise_gen = generators(args, device, rank, world)
+    step = restore(ckpt, model, opt, accountant, audit, gens, rank, delta) if ckpt else 0
     if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
         for v in [*params.values(), *buffers.values()]:
             dist.broadcast(v, src=0)
-
     per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
     batch_grad = None if is_private else make_batch_grad(model, clip_loss)
     tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
-    load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, private.channels, args.size, args.size).to(device),
+    shape = (private.channels, args.size, args.size)
+    load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, *shape).to(device),
                                     tokens[idx].to(device), mask.to(device))
     per_call = max(1, round(args.physical_batch / args.micro_batch))
+    noise_std = 0.0 if args.debug_no_noise else sigma * 2 * args.clip  # one pair moves a micro-batch sum by <= 2C
+    checkpoint = lambda: save_checkpoint(
+        out / "checkpoint.pt", gens, rank, world, model=model.state_dict(), optimizer=opt.state_dict(),
+        args=vars(args), step=step, accountant=accountant.state_dict(), audit=audit and audit.state_dict(),
+        init=earlier)
 
-    def save_checkpoint():  # every rank calls it: each holds its own augmentation stream; rank 0 writes the file
-        aug_states = [aug_gen.get_state()] * world
-        if world > 1:
-            dist.all_gather_object(aug_states, aug_gen.get_state())
-        if rank:
-            return
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
-                    accountant=accountant.state_dict(),
-                    rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None, init=earlier, script=Path(__file__).stem)
-        torch.save(ckpt, str(ckpt_path) + ".tmp")
-        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
-
-    bar = tqdm(range(args.steps - step), total=args.steps - step, initial=0, desc="DP-CLIP", dynamic_ncols=True, disable=rank > 0)
+    # one logical step: Poisson sample -> micro-batches -> per-micro-batch gradients -> clip -> noise -> step -> account
+    bar = tqdm(range(args.steps - step), desc="DP-CLIP", dynamic_ncols=True, disable=rank > 0)
     with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
         for _ in bar:
             members, pair_mask = sample_micro_batches(N, q, K, generator=sample_gen)
             model.train()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-            canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
-            with autocast:
+            canaries = audit and torch.tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device)
+            with autocast:  # dp_step over micro-batches (--eps inf: plain_step, unclipped and unnoised)
                 noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
-                                               clip=args.clip, sigma=0.0 if args.debug_no_noise else sigma,
-                                               per_call=per_call, noise_gen=noise_gen, canaries=canaries,
-                                               shard=(rank, world), batch_grad=batch_grad)
+                                               clip=args.clip, noise_std=noise_std, per_call=per_call,
+                                               noise_gen=noise_gen, canaries=canaries, shard=(rank, world),
+                                               batch_grad=batch_grad)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -735,75 +834,40 @@ def main(argv=None):
             opt.step()
             accountant.step(q=q, sigma=sigma)
             step += 1
-            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            # the loss reads private data: shown as a monitoring aid, never used for any decision or selection
             bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
             if step % args.log_every == 0 or step == args.steps:
-                eps_now = accountant.epsilon(delta)
-                # released or public values only: the loss and the realised batch size read the private data
-                # (the batch size counts the sampling coins), so they are logged only with --log-private
-                batch = int(pair_mask.sum())  # on every rank: a collective under torchrun
-                update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
-                rec = dict(step=step, eps=eps_now, lr=opt.param_groups[0]["lr"], time=time.time() - t0,
-                           noisy_grad_norm=float(torch.stack(update).norm()))
-                if args.log_private:
-                    rec.update(loss=loss, batch=batch, private=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                tqdm.write(f"step {step}/{args.steps} loss {loss:.4f} eps {eps_now:.3f}")
-                save_checkpoint()
-    if world > 1:  # training is over: evaluation and outputs are rank 0's alone
-        dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
-        dist.destroy_process_group()
-        if rank:
-            return
-    eps_spent = accountant.epsilon(delta)
-    audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
+                batch = int(pair_mask.sum())  # every rank holds the whole step's sample
+                log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
+                         params=params, loss=loss, batch=batch)
+                checkpoint()
+    if finish(world, rank):
+        return
 
     # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---
     zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
     recall = retrieval(model, held_out, args.text_len, device)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
-    for name, state in (("random_init", random_init), ("init", init), ("clip", model.encoder.state_dict())):
-        if name == "init" and args.init == "none":
-            continue
+    states = [("random_init", random_init)] + ([("init", init)] if args.init != "none" else [])
+    for name, state in states + [("clip", model.encoder.state_dict())]:
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
-    k = 16  # zero-shot.png: test images with the predicted class (and the true one when wrong)
-    names = [probe_test.classes[p] + ("" if p == t else f" ({probe_test.classes[t]})") for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
+    k = 16  # zero_shot.png: test images with the predicted class (and the true one when wrong)
+    names = [probe_test.classes[p] + ("" if p == t else f" ({probe_test.classes[t]})")
+             for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
     data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
-    summary = dict(method="DP-CLIP (clip_dp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
-                   steps=step, batch_size=args.batch_size, micro_batch=args.micro_batch, micro_batches_per_step=K,
-                   noise_std_on_sum=2 * sigma * args.clip, clip=args.clip, init=args.init, data=private.name,
-                   probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc, chance=1 / len(probe_test.classes),
-                   retrieval_data=held_out.name, retrieval_not_private=recall, probe_accuracy_not_private=acc,
-                   wall_time_s=time.time() - t0, device=str(device), args=vars(args))
-    # --- the release: model.pt (weights + privacy record) and summary.json. checkpoint.pt holds the secret
-    # generator states, and metrics.jsonl written with --log-private the clean loss: never publish those two ---
-    eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
-    pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
-                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=is_private and not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
-                   init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
-    release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
-    torch.save(release, str(out / "model.pt") + ".tmp")
-    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
-    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
-    summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step}, K={K})" +
-          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
-    if earlier["prior"]:
-        print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
-    if audit_result:
-        print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
-              f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
-              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim") +
-              (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
-               if audit_result["saturated"] else ""))
-    print(f"zero-shot accuracy (not private): {zs_acc:.3f} (chance {1 / len(probe_test.classes):.3f})")
-    print(f"retrieval among {len(held_out)} held-out pairs (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    summary = dict(method="DP-CLIP (clip_dp.py)", batch_size=args.batch_size, micro_batch=args.micro_batch,
+                   micro_batches_per_step=K, noise_std_on_sum=2 * sigma * args.clip, init=args.init,
+                   probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc,
+                   chance=1 / len(probe_test.classes), retrieval_data=held_out.name, retrieval_not_private=recall,
+                   probe_accuracy_not_private=acc, wall_time_s=time.time() - t0, device=str(device))
+    release(out, model, summary, args=args, plan=plan, accountant=accountant, earlier=earlier, audit=audit,
+            n_total=n_total, steps=step, data_name=private.name)
     print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"zero-shot accuracy (not private): {zs_acc:.3f} (chance {1 / len(probe_test.classes):.3f})")
+    print(f"retrieval among {len(held_out)} held-out pairs (not private): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
     print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt, zero_shot.png in {time.time() - t0:.0f}s")
 
 
