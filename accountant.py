@@ -5,15 +5,16 @@ probability q, and the sum of clipped per-example gradients gets N(0, sigma^2 C^
 computed exactly, following
 
   Mironov, Talwar & Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism" (2019), Sec. 3.3:
-  integer orders by the binomial expansion, fractional orders by the two-series expansion;
+  integer orders by the binomial expansion, fractional orders by the two-series expansion
 
-steps compose by adding RDP order by order (Mironov, "Renyi Differential Privacy", 2017, Prop. 1), and RDP turns
-into (eps, delta)-DP by the improved conversion of
+(rdp_reference writes their sums out term by term, for reading; rdp_subsampled_gaussian computes the same sums
+vectorised and is tested against it); steps compose by adding RDP order by order (Mironov, "Renyi Differential
+Privacy", 2017, Prop. 1), and RDP turns into (eps, delta)-DP by the improved conversion of
 
   Balle, Barthe, Gaboardi, Hsu & Sato, "Hypothesis Testing Interpretations and Renyi Differential Privacy"
   (AISTATS 2020), Theorem 21.
 
-The last section checks the claim from the other side: the one-run privacy audit of Steinke, Nasr & Jagielski
+A later section checks the claim from the other side: the one-run privacy audit of Steinke, Nasr & Jagielski
 (NeurIPS 2023), an empirical LOWER bound on eps from canaries (every script's --audit M).
 
 What is simplified: add/remove-one adjacency under Poisson sampling only (what data.poisson_batches does), and
@@ -65,11 +66,11 @@ _SERIES_MAX_TERMS = 1 << 14
 _EULER_K = 24           # terms averaged by the Euler transform at the end of each series
 
 
-# --- RDP of the subsampled Gaussian, the reference: the one a reader checks --------------------------------------
+# --- RDP of the subsampled Gaussian, the reference: the one a reader checks ----------------------------------
 # With mu0 = N(0, sigma^2), mu1 = N(1, sigma^2) and mu = (1 - q) mu0 + q mu1, the RDP at order alpha is
 #   rdp(alpha) = log(A_alpha) / (alpha - 1),   A_alpha = E_{z ~ mu0}[((1 - q) + q exp((2z - 1) / (2 sigma^2)))^alpha]
 # (Mironov, Talwar & Zhang 2019, Sec. 3.3). rdp_reference below writes out their two expansions of A_alpha for one
-# order, term by term, with plain loops and `math`; rdp_subsampled_gaussian (the next section) sums the same terms
+# order, term by term, with plain loops and `math`; rdp_subsampled_gaussian (the fast path) sums the same terms
 # vectorised over every order at once, and tests/test_accountant.py holds the two to 1e-10 relative.
 # One step beyond the paper's text, in both: when q is tiny A_alpha = 1 + O(q^2), and log(A_alpha) taken from
 # A_alpha itself keeps only the digits left after the leading 1. So both compute log(A_alpha - 1), subtracting the
@@ -117,19 +118,15 @@ def _ref_frac_term(q, sigma, alpha, i, log_c, sign_c, z0):
     """Term i of A_alpha - 1 for fractional alpha, as (log_abs, sign) parts; log_c, sign_c: log|C(alpha, i)|
     and its sign."""
     j = alpha - i
-    # the first series:  A_alpha,1 = sum_i C(alpha, i) (1 - q)^(alpha - i) q^i exp((i^2 - i) / (2 sigma^2))
-    #                                                                   * erfc((i - z0) / (sqrt(2) sigma)) / 2
-    log_w1 = log_c + j * math.log1p(-q) + i * math.log(q)
-    x1, y1 = (i * i - i) / (2 * sigma ** 2), (z0 - i) / sigma            # erfc((i - z0) / (sqrt(2) sigma)) / 2
-    #                                                                      = Phi(y1)
-    # the second series: A_alpha,2 = sum_i C(alpha, i) (1 - q)^i q^(alpha - i) exp((j^2 - j) / (2 sigma^2))
-    #                                                                   * erfc((z0 - j) / (sqrt(2) sigma)) / 2
-    log_w2 = log_c + i * math.log1p(-q) + j * math.log(q)
-    x2, y2 = (j * j - j) / (2 * sigma ** 2), (j - z0) / sigma            # erfc(...) / 2 = Phi(y2)
-    # A_alpha = A_alpha,1 + A_alpha,2. The 1 to subtract is the binomial series of ((1 - q) + q)^alpha taken with
-    # the first series' weights, sum_i C(alpha, i) (1 - q)^(alpha - i) q^i, when q <= 1/2 (where it converges), with
-    # the second's, sum_i C(alpha, i) (1 - q)^i q^(alpha - i), when q > 1/2; term i of it goes with term i above,
-    # by exp(x) Phi(y) - 1 = expm1(x) Phi(y) - Phi(-y).
+    # the first series:  A_alpha,1 = sum_i w1 exp(x1) erfc((i - z0) / (sqrt(2) sigma)) / 2 = sum_i w1 exp(x1) Phi(y1)
+    log_w1 = log_c + j * math.log1p(-q) + i * math.log(q)               # w1 = C(alpha, i) (1 - q)^(alpha - i) q^i
+    x1, y1 = (i * i - i) / (2 * sigma ** 2), (z0 - i) / sigma
+    # the second series: A_alpha,2 = sum_i w2 exp(x2) erfc((z0 - j) / (sqrt(2) sigma)) / 2 = sum_i w2 exp(x2) Phi(y2)
+    log_w2 = log_c + i * math.log1p(-q) + j * math.log(q)               # w2 = C(alpha, i) (1 - q)^i q^(alpha - i)
+    x2, y2 = (j * j - j) / (2 * sigma ** 2), (j - z0) / sigma
+    # A_alpha = A_alpha,1 + A_alpha,2. The 1 to subtract is the binomial series of ((1 - q) + q)^alpha, sum_i w1 when
+    # q <= 1/2 (where it converges), sum_i w2 when q > 1/2; its term i goes with term i above, by
+    # exp(x) Phi(y) - 1 = expm1(x) Phi(y) - Phi(-y).
     if q <= 0.5:
         return [(log_w1 + _ref_log_abs_expm1(x1) + _ref_log_phi(y1), sign_c),    # x1 >= 0 at every integer i
                 (log_w1 + _ref_log_phi(-y1), -sign_c),
@@ -137,6 +134,14 @@ def _ref_frac_term(q, sigma, alpha, i, log_c, sign_c, z0):
     return [(log_w1 + x1 + _ref_log_phi(y1), sign_c),
             (log_w2 + _ref_log_abs_expm1(x2) + _ref_log_phi(y2), sign_c * math.copysign(1.0, x2)),
             (log_w2 + _ref_log_phi(-y2), -sign_c)]
+
+
+def _ref_euler(partial_sums, k):
+    """Averages neighbouring partial sums k times: a weighted mean of them, so the same limit whatever the terms'
+    signs, and for alternating terms of smooth size (the tails here) a far smaller error than the last sum's."""
+    for _ in range(k):
+        partial_sums = [(a + b) / 2 for a, b in zip(partial_sums, partial_sums[1:])]
+    return partial_sums[0]
 
 
 def _ref_log_a_minus_1_frac(q, sigma, alpha, euler_k=20, rtol=1e-13):
@@ -155,15 +160,7 @@ def _ref_log_a_minus_1_frac(q, sigma, alpha, euler_k=20, rtol=1e-13):
         top = max(log_abs for parts in terms for log_abs, _ in parts)
         t = [math.fsum(sign * math.exp(log_abs - top) for log_abs, sign in parts) for parts in terms]  # / exp(top)
         partial = [math.fsum(t[:m]) for m in range(n - euler_k - 1, n + 1)]  # S_m = t_0 + ... + t_(m-1)
-
-        def euler(sums):
-            # averaging neighbouring partial sums euler_k times: a weighted mean of them, so the same limit
-            # whatever the terms' signs, and for alternating terms of smooth size a far smaller error
-            for _ in range(euler_k):
-                sums = [(a + b) / 2 for a, b in zip(sums, sums[1:])]
-            return sums[0]
-
-        now, before = euler(partial[1:]), euler(partial[:-1])
+        now, before = _ref_euler(partial[1:], euler_k), _ref_euler(partial[:-1], euler_k)  # n terms, n - 1 terms
         floor = 8 * sys.float_info.epsilon * math.fsum(abs(x) for x in t)  # what rounding the terms can hide
         if abs(now - before) <= max(rtol * abs(now), floor):
             return math.log(max(now, floor)) + top
@@ -196,7 +193,7 @@ def rdp_reference(*, q, sigma, order):
     return math.log1p(math.exp(log_a_minus_1)) / (alpha - 1)
 
 
-# --- log-space arithmetic ----------------------------------------------------------------------------------------
+# --- the fast path: log-space arithmetic -----------------------------------------------------------------------
 # Everything below works with logarithms of magnitudes, so that terms like q^i exp(i^2 / 2 sigma^2) neither
 # overflow nor underflow, and signed sums keep positive and negative parts apart until the single final subtraction.
 
@@ -251,7 +248,7 @@ def _log_ndtr(x):
     return out
 
 
-# --- RDP of the subsampled Gaussian mechanism, the fast path ---------------------------------------------------
+# --- the fast path: RDP of the subsampled Gaussian mechanism ---------------------------------------------------
 # The sums of rdp_reference (A_alpha and log(A_alpha - 1) as defined there), for every order of a grid at once:
 # integer orders as one ragged array of binomial terms, fractional ones as (orders, terms) arrays whose alternating
 # tails are Euler-accelerated. Tables that depend only on the orders are cached, so a grid pays for them once.
