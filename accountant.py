@@ -5,15 +5,16 @@ probability q, and the sum of clipped per-example gradients gets N(0, sigma^2 C^
 computed exactly, following
 
   Mironov, Talwar & Zhang, "Renyi Differential Privacy of the Sampled Gaussian Mechanism" (2019), Sec. 3.3:
-  integer orders by the binomial expansion, fractional orders by the two-series expansion;
+  integer orders by the binomial expansion, fractional orders by the two-series expansion
 
-steps compose by adding RDP order by order (Mironov, "Renyi Differential Privacy", 2017, Prop. 1), and RDP turns
-into (eps, delta)-DP by the improved conversion of
+(rdp_reference writes their sums out term by term, for reading; rdp_subsampled_gaussian computes the same sums
+vectorised and is tested against it); steps compose by adding RDP order by order (Mironov, "Renyi Differential
+Privacy", 2017, Prop. 1), and RDP turns into (eps, delta)-DP by the improved conversion of
 
   Balle, Barthe, Gaboardi, Hsu & Sato, "Hypothesis Testing Interpretations and Renyi Differential Privacy"
   (AISTATS 2020), Theorem 21.
 
-The last section checks the claim from the other side: the one-run privacy audit of Steinke, Nasr & Jagielski
+A later section checks the claim from the other side: the one-run privacy audit of Steinke, Nasr & Jagielski
 (NeurIPS 2023), an empirical LOWER bound on eps from canaries (every script's --audit M).
 
 What is simplified: add/remove-one adjacency under Poisson sampling only (what data.poisson_batches does), and
@@ -65,7 +66,134 @@ _SERIES_MAX_TERMS = 1 << 14
 _EULER_K = 24           # terms averaged by the Euler transform at the end of each series
 
 
-# --- log-space arithmetic ----------------------------------------------------------------------------------------
+# --- RDP of the subsampled Gaussian, the reference: the one a reader checks ----------------------------------
+# With mu0 = N(0, sigma^2), mu1 = N(1, sigma^2) and mu = (1 - q) mu0 + q mu1, the RDP at order alpha is
+#   rdp(alpha) = log(A_alpha) / (alpha - 1),   A_alpha = E_{z ~ mu0}[((1 - q) + q exp((2z - 1) / (2 sigma^2)))^alpha]
+# (Mironov, Talwar & Zhang 2019, Sec. 3.3). rdp_reference below writes out their two expansions of A_alpha for one
+# order, term by term, with plain loops and `math`; rdp_subsampled_gaussian (the fast path) sums the same terms
+# vectorised over every order at once, and tests/test_accountant.py holds the two to 1e-10 relative.
+# One step beyond the paper's text, in both: when q is tiny A_alpha = 1 + O(q^2), and log(A_alpha) taken from
+# A_alpha itself keeps only the digits left after the leading 1. So both compute log(A_alpha - 1), subtracting the
+# 1 term by term as a binomial series that sums to it, and finish with log1p.
+
+def _ref_log_sum(parts):
+    """log(sum of sign * exp(log_abs)) over (log_abs, sign) pairs; the sum must be > 0."""
+    top = max(log_abs for log_abs, _ in parts)
+    return top + math.log(math.fsum(sign * math.exp(log_abs - top) for log_abs, sign in parts))
+
+
+def _ref_log_abs_expm1(x):
+    """log|exp(x) - 1| (-inf at x = 0), without overflow for large x."""
+    if x > 40:
+        return x + math.log1p(-math.exp(-x))
+    return math.log(abs(math.expm1(x))) if x != 0 else -math.inf
+
+
+def _ref_log_phi(x):
+    """log Phi(x), Phi the standard normal CDF, accurate in both tails."""
+    if x > 0:
+        return math.log1p(-math.erfc(x / math.sqrt(2)) / 2)
+    if x > -20:
+        return math.log(math.erfc(-x / math.sqrt(2)) / 2)
+    # erfc underflows beyond: Phi(x) = phi(x) / |x| sum_n (-1)^n (2n - 1)!! / x^(2n) (Abramowitz & Stegun 26.2.12)
+    series = sum((-1) ** n * math.prod(range(1, 2 * n, 2)) / x ** (2 * n) for n in range(16))
+    return -x * x / 2 - math.log(-x) - 0.5 * math.log(2 * math.pi) + math.log(series)
+
+
+def _ref_log_a_minus_1_int(q, sigma, alpha):
+    """log(A_alpha - 1) for integer alpha: the binomial expansion (Mironov et al. 2019, Sec. 3.3)."""
+    parts = []
+    for k in range(2, alpha + 1):
+        # A_alpha = sum_{k=0}^{alpha} C(alpha, k) (1 - q)^(alpha - k) q^k exp((k^2 - k) / (2 sigma^2)), and
+        #       1 = sum_{k=0}^{alpha} C(alpha, k) (1 - q)^(alpha - k) q^k                     (the binomial theorem),
+        # so A_alpha - 1 = sum_k C(alpha, k) (1 - q)^(alpha - k) q^k (exp((k^2 - k) / (2 sigma^2)) - 1), where the
+        # terms k = 0, 1 vanish and every other one is positive.
+        log_term = (math.log(math.comb(alpha, k)) + (alpha - k) * math.log1p(-q) + k * math.log(q)
+                    + _ref_log_abs_expm1((k * k - k) / (2 * sigma ** 2)))
+        parts.append((log_term, 1.0))
+    return _ref_log_sum(parts)
+
+
+def _ref_frac_term(q, sigma, alpha, i, log_c, sign_c, z0):
+    """Term i of A_alpha - 1 for fractional alpha, as (log_abs, sign) parts; log_c, sign_c: log|C(alpha, i)|
+    and its sign."""
+    j = alpha - i
+    # the first series:  A_alpha,1 = sum_i w1 exp(x1) erfc((i - z0) / (sqrt(2) sigma)) / 2 = sum_i w1 exp(x1) Phi(y1)
+    log_w1 = log_c + j * math.log1p(-q) + i * math.log(q)               # w1 = C(alpha, i) (1 - q)^(alpha - i) q^i
+    x1, y1 = (i * i - i) / (2 * sigma ** 2), (z0 - i) / sigma
+    # the second series: A_alpha,2 = sum_i w2 exp(x2) erfc((z0 - j) / (sqrt(2) sigma)) / 2 = sum_i w2 exp(x2) Phi(y2)
+    log_w2 = log_c + i * math.log1p(-q) + j * math.log(q)               # w2 = C(alpha, i) (1 - q)^i q^(alpha - i)
+    x2, y2 = (j * j - j) / (2 * sigma ** 2), (j - z0) / sigma
+    # A_alpha = A_alpha,1 + A_alpha,2. The 1 to subtract is the binomial series of ((1 - q) + q)^alpha, sum_i w1 when
+    # q <= 1/2 (where it converges), sum_i w2 when q > 1/2; its term i goes with term i above, by
+    # exp(x) Phi(y) - 1 = expm1(x) Phi(y) - Phi(-y).
+    if q <= 0.5:
+        return [(log_w1 + _ref_log_abs_expm1(x1) + _ref_log_phi(y1), sign_c),    # x1 >= 0 at every integer i
+                (log_w1 + _ref_log_phi(-y1), -sign_c),
+                (log_w2 + x2 + _ref_log_phi(y2), sign_c)]
+    return [(log_w1 + x1 + _ref_log_phi(y1), sign_c),
+            (log_w2 + _ref_log_abs_expm1(x2) + _ref_log_phi(y2), sign_c * math.copysign(1.0, x2)),
+            (log_w2 + _ref_log_phi(-y2), -sign_c)]
+
+
+def _ref_euler(partial_sums, k):
+    """Averages neighbouring partial sums k times: a weighted mean of them, so the same limit whatever the terms'
+    signs, and for alternating terms of smooth size (the tails here) a far smaller error than the last sum's."""
+    for _ in range(k):
+        partial_sums = [(a + b) / 2 for a, b in zip(partial_sums, partial_sums[1:])]
+    return partial_sums[0]
+
+
+def _ref_log_a_minus_1_frac(q, sigma, alpha, euler_k=20, rtol=1e-13):
+    """log(A_alpha - 1) for fractional alpha: the two-series expansion (Mironov et al. 2019, Sec. 3.3)."""
+    z0 = sigma ** 2 * (math.log1p(-q) - math.log(q)) + 0.5        # where q mu1(z) = (1 - q) mu0(z): the split
+    terms, log_c, sign_c = [], 0.0, 1.0                            # C(alpha, 0) = 1
+    n = math.ceil(alpha) + euler_k + 16
+    while True:
+        while len(terms) < n:
+            i = len(terms)
+            terms.append(_ref_frac_term(q, sigma, alpha, i, log_c, sign_c, z0))
+            # C(alpha, i + 1) = C(alpha, i) (alpha - i) / (i + 1): the sign flips at every i > alpha, where both
+            # series start to alternate
+            log_c += math.log(abs(alpha - i)) - math.log(i + 1)
+            sign_c *= math.copysign(1.0, alpha - i)
+        top = max(log_abs for parts in terms for log_abs, _ in parts)
+        t = [math.fsum(sign * math.exp(log_abs - top) for log_abs, sign in parts) for parts in terms]  # / exp(top)
+        partial = [math.fsum(t[:m]) for m in range(n - euler_k - 1, n + 1)]  # S_m = t_0 + ... + t_(m-1)
+        now, before = _ref_euler(partial[1:], euler_k), _ref_euler(partial[:-1], euler_k)  # n terms, n - 1 terms
+        floor = 8 * sys.float_info.epsilon * math.fsum(abs(x) for x in t)  # what rounding the terms can hide
+        if abs(now - before) <= max(rtol * abs(now), floor):
+            return math.log(max(now, floor)) + top
+        if n > 1 << 16:
+            raise RuntimeError(f"rdp_reference: the series did not converge (q={q}, sigma={sigma}, alpha={alpha})")
+        n *= 2
+
+
+def rdp_reference(*, q, sigma, order):
+    """RDP of one step of the Poisson-subsampled Gaussian at ONE order: Mironov et al. 2019, Sec. 3.3, line by
+    line (slow; rdp_subsampled_gaussian is the one to call, and is tested against this one).
+
+    >>> round(rdp_reference(q=0.01, sigma=1.0, order=2), 12)  # log(1 + q^2 (e^(1/sigma^2) - 1)), closed form
+    0.000171813422
+    """
+    q, sigma, alpha = _check_q(q), _check_sigma(sigma), float(_check_orders([order])[0])
+    if q == 0 or sigma == math.inf:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    if q == 1:  # the Gaussian mechanism, alpha / (2 sigma^2) (Mironov 2017, Prop. 7): z0 = -inf, no split to make
+        return alpha / (2 * sigma ** 2)
+    if alpha == int(alpha):
+        log_a_minus_1 = _ref_log_a_minus_1_int(q, sigma, int(alpha))
+    else:
+        log_a_minus_1 = _ref_log_a_minus_1_frac(q, sigma, alpha)
+    # rdp = log(A_alpha) / (alpha - 1) = log1p(A_alpha - 1) / (alpha - 1)
+    if log_a_minus_1 > 30:
+        return (log_a_minus_1 + math.log1p(math.exp(-log_a_minus_1))) / (alpha - 1)
+    return math.log1p(math.exp(log_a_minus_1)) / (alpha - 1)
+
+
+# --- the fast path: log-space arithmetic -----------------------------------------------------------------------
 # Everything below works with logarithms of magnitudes, so that terms like q^i exp(i^2 / 2 sigma^2) neither
 # overflow nor underflow, and signed sums keep positive and negative parts apart until the single final subtraction.
 
@@ -120,12 +248,10 @@ def _log_ndtr(x):
     return out
 
 
-# --- RDP of the subsampled Gaussian mechanism --------------------------------------------------------------------
-# With mu0 = N(0, sigma^2), mu1 = N(1, sigma^2) and mu = (1 - q) mu0 + q mu1, the RDP at order alpha is
-#   rdp(alpha) = log(A_alpha) / (alpha - 1),   A_alpha = E_{z ~ mu0}[((1 - q) + q exp((2z - 1) / (2 sigma^2)))^alpha].
-# When q is tiny A_alpha = 1 + O(q^2), and log(A_alpha) computed from A_alpha itself would keep only the digits
-# left after the leading 1. So both expansions below compute log(A_alpha - 1) directly, from terms that are each
-# already of the size of A_alpha - 1, and finish with log1p.
+# --- the fast path: RDP of the subsampled Gaussian mechanism ---------------------------------------------------
+# The sums of rdp_reference (A_alpha and log(A_alpha - 1) as defined there), for every order of a grid at once:
+# integer orders as one ragged array of binomial terms, fractional ones as (orders, terms) arrays whose alternating
+# tails are Euler-accelerated. Tables that depend only on the orders are cached, so a grid pays for them once.
 
 @lru_cache(maxsize=16)
 def _int_layout(alphas: tuple):
@@ -272,7 +398,8 @@ def rdp_subsampled_gaussian(*, q, sigma, orders):
     """RDP of ONE step of the Poisson-subsampled Gaussian mechanism at each order (Mironov et al. 2019, Sec. 3.3).
 
     q: sampling rate in [0, 1]; sigma: noise multiplier (std of the noise / L2 sensitivity) >= 0; orders: alphas > 1.
-    Integer orders use the exact binomial expansion, fractional ones the two-series expansion, both in log space.
+    Integer orders use the exact binomial expansion, fractional ones the two-series expansion, both in log space:
+    the sums of rdp_reference, vectorised over the orders, and tested against it to 1e-10 relative.
     q = 1 is the Gaussian mechanism, alpha / (2 sigma^2) exactly (Mironov 2017, Prop. 7); q = 0 gives 0; sigma = 0
     gives inf.
 
@@ -621,7 +748,8 @@ class CanaryAudit:
     def __init__(self, m, *, seed, strength=10.0, guess_fractions=(0.02, 0.1, 0.4)):
         if int(m) != m or m < 1:
             raise ValueError(f"--audit needs a number of canaries >= 1, got {m}")
-        self.m, self.seed, self.strength, self.guess_fractions = int(m), int(seed), float(strength), tuple(guess_fractions)
+        self.m, self.seed, self.strength = int(m), int(seed), float(strength)
+        self.guess_fractions = tuple(guess_fractions)
         self.included = np.random.default_rng([self.seed, 0]).random(self.m) < 0.5  # S_i
         self.scores = np.zeros(self.m)
 

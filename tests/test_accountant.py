@@ -84,6 +84,21 @@ def test_matches_numerical_integration(q, sigma):
     got = acc.rdp_subsampled_gaussian(q=q, sigma=sigma, orders=orders)
     ref = np.array([quadrature_rdp(q, sigma, a) for a in orders])
     np.testing.assert_allclose(got, ref, rtol=1e-9)
+    # the reference the fast path is held to (next test) stands on the integral too, not only on the fast path
+    np.testing.assert_allclose([acc.rdp_reference(q=q, sigma=sigma, order=a) for a in orders], ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("q", [1e-5, 1e-3, 0.01, 0.1, 0.5, 1 - 1e-9, 1.0])
+@pytest.mark.parametrize("sigma", [0.5, 0.8, 1.0, 2.0, 5.0, 20.0])
+def test_fast_path_matches_the_reference(q, sigma):
+    """rdp_subsampled_gaussian (vectorised, Euler-accelerated) against rdp_reference (Mironov et al.'s sums written
+    out term by term) at every default order, integer and fractional. The largest difference measured on this
+    grid is 4.4e-12 relative (q = 0.5, sigma = 20, order 1.02, where A_alpha - 1 ~ 6e-6 is what is left after
+    O(1) terms cancel). q = 1 is the closed form in both; 1 - 1e-9 runs the series next to it."""
+    orders = acc.DEFAULT_ORDERS
+    fast = acc.rdp_subsampled_gaussian(q=q, sigma=sigma, orders=orders)
+    ref = np.array([acc.rdp_reference(q=q, sigma=sigma, order=a) for a in orders])
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("q, sigma", [(1e-6, 10.0), (1e-4, 50.0), (1e-3, 2.0), (3e-5, 0.7)])

@@ -70,7 +70,8 @@ def test_bound_is_monotone():
             < audit_epsilon_lower_bound(m=500, guesses=100, correct=90, delta=1e-5, confidence=0.9))
 
 
-@pytest.mark.parametrize("kw", [dict(guesses=10, correct=11), dict(guesses=200, correct=1), dict(correct=-1, guesses=5)])
+@pytest.mark.parametrize("kw", [dict(guesses=10, correct=11), dict(guesses=200, correct=1),
+                                dict(correct=-1, guesses=5)])
 def test_bad_counts_raise(kw):
     with pytest.raises(ValueError, match="audit"):
         audit_p_value(m=100, eps=1.0, delta=1e-5, **kw)
@@ -124,7 +125,9 @@ def test_audit_flags_a_run_without_noise(tmp_path, script, broken):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     a = s["audit"]
     assert a["canaries"] == 1000 and s["n"] == 300 + a["included"]  # eps covers the canaries that joined
-    assert s["eps"] <= 1.0 and a["claimed_eps"] == s["eps"]
+    # the claim audited is what this run's (q, sigma, steps) cost, recomputed here: not the target --eps
+    spent = accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=s["steps"], delta=s["delta"])
+    assert a["claimed_eps"] == pytest.approx(spent, rel=1e-12) and s["eps"] <= 1.0
     assert a["violation"] is broken and a["saturated"] is broken
     if broken:
         assert a["eps_lower_bound"] > 2.5 and "NOT private" in r.stdout and "VIOLATION" in r.stdout
