@@ -56,31 +56,41 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
+    g.add_argument("--eps", type=float, default=8.0,
+                   help="target epsilon of the whole run; 'inf': the NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=4096, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
     g.add_argument("--steps", type=int, default=100, help="logical DP-SGD steps")
-    g.add_argument("--tan-batch", type=int, default=None, help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
+    g.add_argument("--tan-batch", type=int, default=None,
+                   help="TAN: train with this batch B' and sigma*B'/B (same noise per update as B; NOT the eps of B)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 100000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--data", default="shapes",
+                   help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
+                   help="n private examples, a subset fixed by --seed (shapes: 100000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
-    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
-    g.add_argument("--max-len", type=int, default=32, help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes",
+                   help="embedded captions: shapes and sizes only, or 'full' (+ colours, positions)")
+    g.add_argument("--max-len", type=int, default=32,
+                   help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: 0.2M parameters, patch 8, CPU default; small: 3 blocks of 96; vip: mae_dp.py's small encoder; base: the paper's ViT-B/16 encoder")
-    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
-    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
+    g.add_argument("--model", choices=list(SIZES), default="xs",
+                   help="tiny: tests; xs: CPU; vip: mae_dp.py's small encoder; base: ViT-B/16")
+    g.add_argument("--patch", type=int, default=None,
+                   help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv",
+                   help="conv stem (Xiao et al. 2021) or ViT's linear patch embedding (for --init from mae_dp.py)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of the private stage")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
     g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay")
-    g.add_argument("--init", default="none", help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
+    g.add_argument("--init", default="none",
+                   help="'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache: loads the encoder")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
     g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
@@ -113,7 +123,8 @@ SIZES = {  # D width, depth, heads of the image encoder (as in mae_dp.py, so --i
 
 def sincos_pos_embed(dim, grid):
     """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    pos = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
     out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
     return torch.cat(out, dim=1).float()  # (L, D)
@@ -188,7 +199,7 @@ class ViTEncoder(nn.Module):
         if stem == "conv":
             self.stem = ConvStem(patch, channels, dim)
         else:
-            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -362,9 +373,9 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
         if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
             canaries = up(canaries)
             summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on the sum; dividing by
-        # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
-        # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
+        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on
+        # the sum; dividing by the expected batch size (a public constant, the GLOBAL one) instead of the realised
+        # one keeps the sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
         noisy = {k: s + noise_std * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
                  if first else s
                  for k, s in summed.items()}
@@ -435,8 +446,9 @@ def lr_at(step, total, peak, warmup):
 def class_prompts(ds, style="full"):
     """Prompts per class, written like the training captions. For shapes they follow data.py's caption grammar
     ("a red circle ..." in the full style, "a circle" / "a large circle" in the shapes style), built from the
-    generator's public word lists, not from any private caption;
-    "a large red circle" variants would add cost, not information: every class's prompt would share that word; other sets get generic "a photo of a {label}" prompts. Returns [[prompt, ...] per class]."""
+    generator's public word lists, not from any private caption ("a large red circle" variants would add cost, not
+    information: every class's prompt would share that word). Other sets get generic "a photo of a {label}" prompts.
+    Returns [[prompt, ...] per class]."""
     if ds.name.startswith("shapes") and style == "shapes":
         return [[f"a {label}", f"a large {label}"] for label in ds.classes]
     if ds.name.startswith("shapes"):
@@ -626,12 +638,11 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
 
 
-def finish(world, rank):
-    """Training is over: evaluation and outputs are rank 0's alone. Returns True on the ranks that stop here."""
+def end_processes(world):
+    """Training is over: the process group ends (torchrun); evaluation and outputs are rank 0's alone."""
     if world > 1:
         dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
         dist.destroy_process_group()
-    return rank > 0
 
 
 def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
@@ -705,6 +716,7 @@ def main(argv=None):
     device = data.pick_device(args.device)
     args.patch = args.patch or {"xs": 8, "small": 8, "vip": 4}.get(args.model, 16)
     rank, world, device = start(args, out, ckpt, device)
+    master = rank == 0  # rank 0 alone prints, logs, checkpoints and evaluates
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan ---
@@ -781,8 +793,8 @@ def main(argv=None):
     # one logical step: Poisson sample -> per-example gradients -> clip -> noise -> step -> account
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world))
-    bar = tqdm(batches, total=args.steps - step, desc="DP-Cap (DP-SGD)", dynamic_ncols=True, disable=rank > 0)
-    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
+    bar = tqdm(batches, total=args.steps - step, desc="DP-Cap (DP-SGD)", dynamic_ncols=True, disable=not master)
+    with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for physical_batches in bar:
             model.train()
             for group in opt.param_groups:
@@ -810,7 +822,8 @@ def main(argv=None):
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
                          params=params, loss=loss, batch=batch)
                 checkpoint()
-    if finish(world, rank):
+    end_processes(world)
+    if not master:
         return
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---

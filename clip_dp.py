@@ -41,7 +41,7 @@ al. 2021) makes the image tokens. Both were chosen on a public proxy (docs/SWEEP
 `--stem linear`) can start the image encoder from a mae_dp.py run (public ViP-Syn or private ViP; the latter
 spends that run's budget too).
 
-  python clip_dp.py --eps 8                                      # embedded data: ~6 min on a busy 2-core CPU, see README
+  python clip_dp.py --eps 8                                      # embedded data: ~3 min on a 2-core CPU (README)
   python clip_dp.py --eps inf                                    # the same run without DP: its ceiling (NOT private)
   python clip_dp.py --eps 8 --audit 5000                        # + a one-run privacy audit: eps lower bound (README)
   python clip_dp.py --eps 8 --micro-batch 32                     # fewer, larger micro-batches: more negatives
@@ -74,33 +74,44 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
+    g.add_argument("--eps", type=float, default=8.0,
+                   help="target epsilon of the whole run; 'inf': the NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
     g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
-    g.add_argument("--micro-batch", type=int, default=8, help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
+    g.add_argument("--micro-batch", type=int, default=8,
+                   help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
     g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
     g.add_argument("--steps", type=int, default=300, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="shapes", help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--data", default="shapes",
+                   help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
+                   help="n private examples, a subset fixed by --seed (shapes: 20000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
-    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes", help="embedded set's captions: 'shapes' names the objects' shapes and sizes only, 'full' adds colours and positions (data.shapes_captions)")
-    g.add_argument("--text-len", type=int, default=32, help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
-    g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
+    g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes",
+                   help="embedded captions: shapes and sizes only, or 'full' (+ colours, positions)")
+    g.add_argument("--text-len", type=int, default=32,
+                   help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
+    g.add_argument("--probe-data", default="shapes",
+                   help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
-    g.add_argument("--retrieval-data", default="shapes", help="captioned set whose test split is used for (non-private) retrieval")
+    g.add_argument("--retrieval-data", default="shapes",
+                   help="captioned set whose test split is used for (non-private) retrieval")
     g.add_argument("--retrieval-n", type=int, default=1000, help="held-out pairs to retrieve among")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="xs", help="tiny: tests; xs: CPU default; small, base: image encoder = mae_dp.py's (so its --init fits), base is ViT-B/16")
+    g.add_argument("--model", choices=list(SIZES), default="xs",
+                   help="tiny: tests; xs: CPU; small, base: mae_dp.py's encoders (base: ViT-B/16)")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs, 4 small, 16 base)")
-    g.add_argument("--stem", choices=["conv", "linear"], default="conv", help="image tokens from a conv stem (Xiao et al. 2021) or a linear patch embedding (ViT's; what --init from mae_dp.py needs)")
+    g.add_argument("--stem", choices=["conv", "linear"], default="conv",
+                   help="conv stem (Xiao et al. 2021) or ViT's linear patch embedding (for --init from mae_dp.py)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
     g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("initialisation")
-    g.add_argument("--init", default="none", help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
+    g.add_argument("--init", default="none",
+                   help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
     g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
@@ -127,12 +138,14 @@ SIZES = {  # image encoder D width, depth, heads; text encoder width, depth, hea
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: mae_dp.py's ViT encoder (He et al. 2022), a byte-level text transformer, CLIP's projections (Radford et al. 2021)
+# Model: mae_dp.py's ViT encoder (He et al. 2022), a byte-level text transformer, CLIP's projections
+# (Radford et al. 2021)
 
 
 def sincos_pos_embed(dim, grid):
     """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    pos = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
     out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
     return torch.cat(out, dim=1).float()  # (L, D)
@@ -207,7 +220,7 @@ class ViTEncoder(nn.Module):
         if stem == "conv":
             self.stem = ConvStem(patch, channels, dim)
         else:
-            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, written as a matmul on patches
+            self.patch_embed = nn.Linear(patch * patch * channels, dim)  # a stride-p conv, as a matmul on patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, size // patch), persistent=False)  # (L, D)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -388,9 +401,9 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
         if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
             canaries = up(canaries)
             summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on the sum; dividing by
-        # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
-        # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
+        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on
+        # the sum; dividing by the expected batch size (a public constant, the GLOBAL one) instead of the realised
+        # one keeps the sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
         noisy = {k: s + noise_std * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
                  if first else s
                  for k, s in summed.items()}
@@ -505,7 +518,8 @@ def zero_shot(model, ds, text_len, device):
     Returns (accuracy, predicted class ids (N,))."""
     model.eval()
     prompts = data.ByteTokenizer().encode([t.format(c) for c in ds.classes for t in TEMPLATES], text_len)
-    classes = F.normalize(embed(model.encode_text, prompts, device).view(len(ds.classes), len(TEMPLATES), -1).mean(1), dim=-1)
+    per_template = embed(model.encode_text, prompts, device).view(len(ds.classes), len(TEMPLATES), -1)
+    classes = F.normalize(per_template.mean(1), dim=-1)
     pred = (embed(model.encode_image, ds, device) @ classes.T).argmax(1)  # (N,)
     return (pred == ds.labels).float().mean().item(), pred
 
@@ -662,12 +676,11 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
 
 
-def finish(world, rank):
-    """Training is over: evaluation and outputs are rank 0's alone. Returns True on the ranks that stop here."""
+def end_processes(world):
+    """Training is over: the process group ends (torchrun); evaluation and outputs are rank 0's alone."""
     if world > 1:
         dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
         dist.destroy_process_group()
-    return rank > 0
 
 
 def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
@@ -738,6 +751,7 @@ def main(argv=None):
     device = data.pick_device(args.device)
     args.patch = args.patch or {"xs": 8, "small": 4}.get(args.model, 16)
     rank, world, device = start(args, out, ckpt, device)
+    master = rank == 0  # rank 0 alone prints, logs, checkpoints and evaluates
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan ---
@@ -804,8 +818,8 @@ def main(argv=None):
     batch_grad = None if is_private else make_batch_grad(model, clip_loss)
     tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
     shape = (private.channels, args.size, args.size)
-    load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, *shape).to(device),
-                                    tokens[idx].to(device), mask.to(device))
+    load_pairs = lambda idx, mask: (augment(private.images(idx.reshape(-1)), aug_gen).view(*idx.shape, *shape)
+                                    .to(device), tokens[idx].to(device), mask.to(device))
     per_call = max(1, round(args.physical_batch / args.micro_batch))
     noise_std = 0.0 if args.debug_no_noise else sigma * 2 * args.clip  # one pair moves a micro-batch sum by <= 2C
     checkpoint = lambda: save_checkpoint(
@@ -814,8 +828,8 @@ def main(argv=None):
         init=earlier)
 
     # one logical step: Poisson sample -> micro-batches -> per-micro-batch gradients -> clip -> noise -> step -> account
-    bar = tqdm(range(args.steps - step), desc="DP-CLIP", dynamic_ncols=True, disable=rank > 0)
-    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
+    bar = tqdm(range(args.steps - step), desc="DP-CLIP", dynamic_ncols=True, disable=not master)
+    with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for _ in bar:
             members, pair_mask = sample_micro_batches(N, q, K, generator=sample_gen)
             model.train()
@@ -841,7 +855,8 @@ def main(argv=None):
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
                          params=params, loss=loss, batch=batch)
                 checkpoint()
-    if finish(world, rank):
+    end_processes(world)
+    if not master:
         return
 
     # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---

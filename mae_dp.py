@@ -44,7 +44,8 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_pr
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=8.0, help="target epsilon of the private stage (the whole run); 'inf': the non-private reference (no clipping, no noise)")
+    g.add_argument("--eps", type=float, default=8.0,
+                   help="target epsilon of the whole run; 'inf': the NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
@@ -52,12 +53,14 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=60, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private images: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
+                   help="n private examples, a subset fixed by --seed (shapes: 20000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) linear probe")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="small", help="tiny: tests; small: CPU default; base: the paper's ViT-B/16 + 512-d/4-block decoder")
+    g.add_argument("--model", choices=list(SIZES), default="small",
+                   help="tiny: tests; small: CPU; base: the paper's ViT-B/16")
     g.add_argument("--patch", type=int, default=None, help="patch side (default 4 small, 16 base)")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     g = p.add_argument_group("optimisation")
@@ -65,7 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("stage 1: ViP-Syn (public synthetic data, no privacy cost)")
-    g.add_argument("--init", default="syn", help="'syn' (MAE on synthetic images, cached), 'none' (random init), or a checkpoint path")
+    g.add_argument("--init", default="syn", help="'syn' (ViP-Syn, cached), 'none' (random), or a checkpoint path")
     g.add_argument("--syn-steps", type=int, default=1000, help="non-private MAE steps on synthetic images")
     g.add_argument("--syn-batch", type=int, default=128, help="batch size of stage 1")
     g.add_argument("--syn-lr", type=float, default=2e-3, help="peak learning rate of stage 1")
@@ -99,7 +102,8 @@ SIZES = {  # D width, depth, heads; decoder width, depth, heads
 
 def sincos_pos_embed(dim, grid):
     """Fixed 2-D sin-cos position embedding (MAE's), (grid*grid, dim): half the channels code y, half code x."""
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    pos = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
     out = [f(c.reshape(-1, 1) * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (L, D/4)
     return torch.cat(out, dim=1).float()  # (L, D)
@@ -294,9 +298,9 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
         if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
             canaries = up(canaries)
             summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on the sum; dividing by
-        # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
-        # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
+        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on
+        # the sum; dividing by the expected batch size (a public constant, the GLOBAL one) instead of the realised
+        # one keeps the sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
         noisy = {k: s + noise_std * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
                  if first else s
                  for k, s in summed.items()}
@@ -366,7 +370,8 @@ def lr_at(step, total, peak, warmup):
 def train_syn(model, args, device, autocast):
     gen = torch.Generator().manual_seed(10_000 + args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.syn_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    bar = tqdm(range(args.syn_steps), desc="ViP-Syn (public)", dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
+    master = os.environ.get("RANK", "0") == "0"
+    bar = tqdm(range(args.syn_steps), desc="ViP-Syn (public)", dynamic_ncols=True, disable=not master)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.syn_steps, args.syn_lr, max(1, args.syn_steps // 20))
@@ -393,7 +398,8 @@ def save_reconstructions(model, ds, path, device, mask_ratio, k=8):
     """recon.png: row 1 originals, row 2 what the encoder sees, row 3 the reconstruction (visible patches pasted)."""
     model.eval()
     x = data.normalize(ds.images(torch.arange(k))).to(device)
-    pred, mask = model(x, mask_ratio, torch.rand(k, x.shape[-1] ** 2 // model.encoder.patch ** 2, generator=torch.Generator().manual_seed(0)).to(device))
+    noise = torch.rand(k, x.shape[-1] ** 2 // model.encoder.patch ** 2, generator=torch.Generator().manual_seed(0))
+    pred, mask = model(x, mask_ratio, noise.to(device))
     p, C = model.encoder.patch, model.encoder.channels
     target = patchify(x, p)  # un-normalise the predicted patches with each patch's own statistics
     pred = pred.float() * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
@@ -541,12 +547,11 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
 
 
-def finish(world, rank):
-    """Training is over: evaluation and outputs are rank 0's alone. Returns True on the ranks that stop here."""
+def end_processes(world):
+    """Training is over: the process group ends (torchrun); evaluation and outputs are rank 0's alone."""
     if world > 1:
         dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
         dist.destroy_process_group()
-    return rank > 0
 
 
 def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
@@ -593,7 +598,7 @@ def build_model(args, channels):
     return MAE(args.size, args.patch, channels, **cfg)
 
 
-def vip_syn(model, args, channels, device, autocast, rank):
+def vip_syn(model, args, channels, device, autocast, master):
     """Stage 1, ViP-Syn: the MAE trained on public random-process images, cached per flags (no privacy cost)."""
     cache = Path("runs/cache") / (f"vip_syn_{args.model}_p{args.patch}_s{args.size}_c{channels}_m{args.mask_ratio}"
                                   f"_{args.syn_steps}x{args.syn_batch}_lr{args.syn_lr}_seed{args.seed}.pt")
@@ -604,7 +609,7 @@ def vip_syn(model, args, channels, device, autocast, rank):
     # torchrun: every rank trains this public stage (rather than wait idle, past the collective timeout, for
     # rank 0); rank 0 alone writes the cache, and stage 2 starts every rank from rank 0's weights
     train_syn(model, args, device, autocast)
-    if rank == 0:
+    if master:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), str(cache) + ".tmp")
         os.replace(str(cache) + ".tmp", cache)
@@ -619,6 +624,7 @@ def main(argv=None):
     device = data.pick_device(args.device)
     args.patch = args.patch or (4 if args.model == "small" else 16)
     rank, world, device = start(args, out, ckpt, device)
+    master = rank == 0  # rank 0 alone prints, logs, checkpoints and evaluates
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan ---
@@ -648,7 +654,7 @@ def main(argv=None):
     model = build_model(args, private.channels).to(device)
     random_init = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     if args.init == "syn":
-        vip_syn(model, args, private.channels, device, autocast, rank)
+        vip_syn(model, args, private.channels, device, autocast, master)
     elif args.init != "none":  # a mae_dp.py checkpoint or model.pt, or a bare ViP-Syn cache file
         state = data.load_checkpoint(args.init, flag="--init", script="mae_dp", keys=())
         data.load_weights(model, state.get("model", state), where=f"--init {args.init}")
@@ -679,13 +685,13 @@ def main(argv=None):
     # one logical step: Poisson sample -> per-example gradients -> clip -> noise -> step -> account
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world))
-    bar = tqdm(batches, total=args.steps - step, desc="ViP (DP-SGD)", dynamic_ncols=True, disable=rank > 0)
-    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
+    bar = tqdm(batches, total=args.steps - step, desc="ViP (DP-SGD)", dynamic_ncols=True, disable=not master)
+    with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for physical_batches in bar:
             model.train()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-            canaries = audit and torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device)
+            canaries = audit and torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32).to(device)
             with autocast:
                 if is_private:
                     noisy, loss = dp_step(per_example_grads, params, buffers, physical_batches, load, clip=args.clip,
@@ -708,7 +714,8 @@ def main(argv=None):
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
                          params=params, loss=loss, batch=batch)
                 checkpoint()
-    if finish(world, rank):
+    end_processes(world)
+    if not master:
         return
 
     # --- evaluation: NOT private (probe labels are downstream data, read after training ends) ---

@@ -267,9 +267,9 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
         if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
             canaries = up(canaries)
             summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
-        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on the sum; dividing by
-        # the expected batch size (a public constant, the GLOBAL one) instead of the realised one keeps the
-        # sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
+        # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on
+        # the sum; dividing by the expected batch size (a public constant, the GLOBAL one) instead of the realised
+        # one keeps the sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
         noisy = {k: s + noise_std * torch.randn(s.shape, generator=noise_gen, device=s.device, dtype=s.dtype)
                  if first else s
                  for k, s in summed.items()}
@@ -595,7 +595,7 @@ def main(argv=None):
                 if is_private:
                     noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen,
                                           micro_batches, load_features if cached else load, clip=args.clip,
-                                          sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
+                                          noise_std=0.0 if args.debug_no_noise else sigma * args.clip, expected_batch=args.batch_size,
                                           noise_gen=noise_gen, canaries=canaries)
                 else:  # NOT private: the same sample, unclipped and unnoised
                     noisy, loss = plain_step(batch_grad, trainable, frozen, micro_batches, load,

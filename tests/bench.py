@@ -195,7 +195,7 @@ def bench_mae():
 
     def dp():
         with autocast:
-            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, noise), clip=1.0, sigma=1.0,
+            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, noise), clip=1.0, noise_std=1.0,
                       expected_batch=B, noise_gen=gen)
 
     def plain():
@@ -237,7 +237,7 @@ def bench_cap():
 
     def dp():
         with autocast:
-            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, tokens), clip=1.0, sigma=1.0,
+            M.dp_step(per_example_grads, params, buffers, micro, lambda idx: (x, tokens), clip=1.0, noise_std=1.0,
                       expected_batch=B, noise_gen=gen)
 
     def plain():
@@ -280,7 +280,8 @@ def bench_clip():
     def dp():
         with autocast:
             M.micro_batch_step(per_example_grads, params, buffers, members, pair_mask.cpu(),
-                               lambda idx, mask: (x, tokens, pair_mask), clip=1.0, sigma=1.0, per_call=K, noise_gen=gen)
+                               lambda idx, mask: (x, tokens, pair_mask), clip=1.0, noise_std=2.0, per_call=K,
+                               noise_gen=gen)
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -321,7 +322,7 @@ def bench_randp():
     def dp(phase):
         trainable, frozen = M.trainable_split(params, buffers, phase)
         with autocast:
-            M.dp_step(per_example_grads, trainable, frozen, micro, lambda idx: (views, labels), clip=1.0, sigma=1.0,
+            M.dp_step(per_example_grads, trainable, frozen, micro, lambda idx: (views, labels), clip=1.0, noise_std=1.0,
                       expected_batch=B, noise_gen=gen)
 
     def plain():
