@@ -1,4 +1,4 @@
-"""torchrun (issue #8): two CPU processes under gloo, launched as users launch them
+"""torchrun: two CPU processes under gloo, launched as users launch them
 (`python -m torch.distributed.run --nproc_per_node=2 --standalone script.py ...`, i.e. torchrun).
 
 cap_dp.py draws no per-example randomness (teacher forcing, no augmentation), so two processes must end where
@@ -7,7 +7,6 @@ other scripts augment per example from a stream per rank, so for them: a short r
 the accountant's epsilon, and a resume."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,14 +15,7 @@ import torch
 
 import accountant
 import cap_dp as C
-import test_cap_dp
-import test_clip_dp
-import test_mae_dp
-import test_randp
-from conftest import ROOT, run_script
-
-TINY = {"cap_dp.py": test_cap_dp.TINY, "mae_dp.py": test_mae_dp.TINY, "clip_dp.py": test_clip_dp.TINY,
-        "randp.py": test_randp.TINY}
+from conftest import ROOT, TINY, run_script
 
 
 def tiny(script):
