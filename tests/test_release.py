@@ -183,7 +183,8 @@ def test_init_from_a_dp_run_composes_end_to_end(two_default_runs, tmp_path):
     both.step(q=s["q"], sigma=s["sigma"], steps=s["steps"])
     assert s["eps"] == pytest.approx(both.epsilon(s["delta"]), rel=1e-9)
     assert [p["eps_alone"] for p in s["privacy_pipeline"]] == pytest.approx([first["eps"], s["eps_this_run"]])
-    assert "composed" in r.stdout
+    assert f"eps={s['eps']:.3f} is composed with the --init run's; this run alone: eps={s['eps_this_run']:.3f}" \
+        in r.stdout
     r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--init-data-disjoint", "--out", "d",
                    *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

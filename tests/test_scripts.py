@@ -26,9 +26,9 @@ VIT = ("mae_dp.py", "cap_dp.py", "clip_dp.py")  # the three ViT scripts; randp.p
 # Each file stands alone (STYLE.md, CleanRL), so these are copies; this list is what keeps them one text. Each entry:
 # (name, the scripts sharing it). A name is a top-level function or class of the script; "main: <words>" is the block
 # of main() whose `# --- <words>...` banner it names, up to the next banner; "__main__" is the closing handler
-# that turns a bad input into one `error:` line. Not listed, as they differ today: the "TRY NOT TO MODIFY" flag
-# block (each script appends its own checks), save_checkpoint (randp.py adds its phase and EMA), ConvStem (not in
-# mae_dp.py) and ViTEncoder (mae_dp.py's has no conv stem).
+# that turns a bad input into one `error:` line. Not listed, as the copies differ by design: the "TRY NOT TO MODIFY"
+# flag block (each script appends its own checks), save_checkpoint (randp.py adds its phase and EMA), ConvStem (not
+# in mae_dp.py) and ViTEncoder (mae_dp.py's has no conv stem).
 SHARED = (
     ("make_per_example_grads", ALL),
     ("dp_step", ALL),
