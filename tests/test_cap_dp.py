@@ -1,8 +1,7 @@
-"""cap_dp.py: per-example gradients, padding, tokenizer, clipping, noise, zero-shot, --init, and the script end to
-end (tiny sizes), including COCO and webdataset inputs written here."""
+"""cap_dp.py: per-example gradients, padding, tokenizer, clipping, noise, zero-shot, --init, TAN, and its own flags
+and inputs end to end (COCO and webdataset written here); what every script shares is in test_scripts.py."""
 import io
 import json
-import shutil
 import tarfile
 
 import pytest
@@ -12,9 +11,12 @@ from PIL import Image
 import accountant
 import cap_dp as C
 import data
-from conftest import assert_one_error_line, run_script
+from conftest import TINY, assert_one_error_line, run_script
 
 TOK = data.ByteTokenizer()
+# captions of 1 to 4 bytes per character, up to 28 bytes
+CAPTIONS = ["a red circle", "a large blue star at the top", "ü",
+            "日本語のキャプション", "a small green heart"]
 
 
 def tiny_model(dtype=torch.float64, max_len=24):
@@ -27,8 +29,7 @@ def functional(model):
 
 
 def batch(k=5, T=24, dtype=torch.float64):
-    caps = ["a red circle", "a large blue star at the top", "ü", "日本語のキャプション", "a small green heart"][:k]
-    return torch.rand(k, 3, 16, 16, dtype=dtype) * 2 - 1, TOK.encode(caps, T)
+    return torch.rand(k, 3, 16, 16, dtype=dtype) * 2 - 1, TOK.encode(CAPTIONS[:k], T)
 
 
 def test_per_example_grads_equal_naive_loop():
@@ -49,8 +50,7 @@ def test_padding_tokens_carry_no_loss():
     model = tiny_model(max_len=48)
     x, tok = batch(T=34)  # long enough for every caption: none is cut
     # more padding after EOS changes nothing: PAD targets are masked, and causal attention hides PAD inputs
-    torch.testing.assert_close(C.caption_loss(model, x, tok), C.caption_loss(model, x, TOK.encode(
-        ["a red circle", "a large blue star at the top", "ü", "日本語のキャプション", "a small green heart"], 48)))
+    torch.testing.assert_close(C.caption_loss(model, x, tok), C.caption_loss(model, x, TOK.encode(CAPTIONS, 48)))
     # the loss is the mean over exactly the non-PAD targets (bytes and EOS): logits at PAD targets never count
     logits = torch.randn(len(x), tok.shape[1] - 1, TOK.vocab_size, dtype=torch.float64)
     pad = tok[:, 1:] == TOK.PAD
@@ -59,12 +59,12 @@ def test_padding_tokens_carry_no_loss():
     torch.testing.assert_close(C.caption_loss(lambda *_: moved, x, tok), base)
     nll = -logits.log_softmax(-1).gather(-1, tok[:, 1:, None])[..., 0]
     torch.testing.assert_close(base, (nll * ~pad).sum(1) / (~pad).sum(1))
-    assert (~pad).sum(1).tolist() == [len(c.encode()) + 1 for c in
-                                      ["a red circle", "a large blue star at the top", "ü", "日本語のキャプション", "a small green heart"]]
+    assert (~pad).sum(1).tolist() == [len(c.encode()) + 1 for c in CAPTIONS]
 
 
 def test_tokenizer_round_trips_utf8():
-    texts = ["a red circle", "un café crème, s'il vous plaît", "日本語のキャプション", "Ünïcödé 🎨 emoji", ""]
+    texts = ["a red circle", "un café crème, s'il vous plaît", "日本語のキャプション",
+             "Ünïcödé 🎨 emoji", ""]
     ids = TOK.encode(texts, 64)
     assert ids.shape == (5, 64) and (ids[:, 0] == TOK.BOS).all()
     assert TOK.decode(ids) == texts
@@ -114,7 +114,8 @@ def test_clipping_padding_slots_and_noise():
 def test_zero_shot_of_a_tiny_trained_model_beats_chance():
     """A tiny captioner trained (non-privately, a few seconds) on 'a photo of a <colour>' for solid-colour images
     classifies held-out images zero-shot by caption loss far above chance (1/4)."""
-    names, rgb = ["red", "green", "blue", "white"], torch.tensor([[220, 30, 35], [40, 175, 60], [35, 70, 230], [250] * 3])
+    names = ["red", "green", "blue", "white"]
+    rgb = torch.tensor([[220, 30, 35], [40, 175, 60], [35, 70, 230], [250] * 3])
     g = torch.Generator().manual_seed(0)
 
     def make(n):
@@ -136,7 +137,7 @@ def test_zero_shot_of_a_tiny_trained_model_beats_chance():
         opt.step()
     assert C.zero_shot(model, test, "cpu", 24, 100) > 0.6
     caps = C.greedy_captions(model, data.normalize(test.images(torch.arange(4))), 24)
-    assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
+    assert caps == [f"a photo of a {names[i]}" for i in test.labels[:4].tolist()]  # decoded up to EOS, no padding
 
 
 def test_class_prompts_follow_the_caption_grammar():
@@ -163,55 +164,24 @@ def test_init_loads_a_mae_checkpoint_and_the_syn_cache(tmp_path):
         C.load_encoder(wrong, tmp_path / "vip_syn.pt")
 
 
-TINY = ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
-        "--probe-n", "200", "--zero-shot-n", "20", "--max-len", "32", "--log-every", "2"]
+FLAGS = TINY["cap_dp.py"]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("cap")
-    r = run_script("cap_dp.py", "--eps", "4", "--steps", "4", "--out", "run", *TINY, cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cwd, r
-
-
-def test_smoke_run_writes_a_true_claim(smoke):
-    cwd, r = smoke
+def test_smoke_run_reports_zero_shot_captions_and_probes(smoke_run):
+    """The run's own outputs beyond the shared claim (test_scripts.py)."""
+    cwd, r = smoke_run("cap_dp.py")
     s = json.loads((cwd / "run" / "summary.json").read_text())
-    assert s["steps"] == 4 and s["n"] == 300 and s["delta"] == pytest.approx(1 / 600)
-    assert s["q"] == pytest.approx(40 / 300)
-    assert s["eps"] <= 4.0
-    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=4, delta=s["delta"]))
     assert set(s["probe_accuracy_not_private"]) == {"random_init", "dp_cap"}
-    assert 0 <= s["zero_shot_accuracy_not_private"] <= 1 and len(s["captions_not_private"]) == 8
-    lines = [json.loads(l) for l in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [2, 4]
-    assert (cwd / "run" / "captions.png").stat().st_size > 0
-    assert "eps=" in r.stdout and "not private" in r.stdout
-
-
-def test_resume_continues_step_and_epsilon(smoke, tmp_path):
-    cwd, _ = smoke
-    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
-    shutil.copytree(cwd / "run", tmp_path / "run")
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 4 and ck["accountant"]
-    ck["args"]["steps"] = 6
-    eps4 = accountant.RDPAccountant()
-    eps4.load_state_dict(ck["accountant"])
-    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
-    r = run_script("cap_dp.py", "--out", "run", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed at step 4" in r.stdout
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["steps"] == 6
-    eps4.step(q=s["q"], sigma=s["sigma"], steps=2)  # 4 steps from the checkpoint + 2 more, not 2 from scratch
-    assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
+    # zero-shot is scored on exactly --zero-shot-n 20 test images: a count of them, over 20
+    zs = s["zero_shot_accuracy_not_private"]
+    assert zs * 20 == pytest.approx(round(zs * 20)) and s["zero_shot_chance"] == pytest.approx(1 / 10)
+    assert len(s["captions_not_private"]) == 8
+    assert f"zero-shot accuracy (not private): {zs:.3f}" in r.stdout
 
 
 def test_tan_reports_the_eps_it_spent(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    C.main(["--eps", "4", "--steps", "3", "--tan-batch", "10", *TINY, "--out", "tan"])
+    C.main(["--eps", "4", "--steps", "3", "--tan-batch", "10", *FLAGS, "--out", "tan"])
     s = json.loads((tmp_path / "tan" / "summary.json").read_text())
     full = accountant.dp_sgd_plan(target_eps=4, n=300, batch_size=40, steps=3)
     # sigma'/B' = sigma/B: the noise in each update is that of the simulated run ...
@@ -246,42 +216,28 @@ def test_coco_and_webdataset_train_for_a_step(tmp_path, monkeypatch):
                 tar.addfile(info, io.BytesIO(blob))
     monkeypatch.chdir(tmp_path)
     for path in (coco, tmp_path / "00000.tar"):
-        C.main(["--data", str(path), *TINY, "--n", "6", "--batch-size", "4", "--steps", "1", "--out", path.stem])
+        C.main(["--data", str(path), *FLAGS, "--n", "6", "--batch-size", "4", "--steps", "1", "--out", path.stem])
         s = json.loads((tmp_path / path.stem / "summary.json").read_text())
         assert s["n"] == 6 and s["steps"] == 1 and s["eps"] <= 8
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
-    (["--batch-size", "301"], "batch"),
     (["--max-len", "1"], "--max-len"),
-    (["--eps", "-1"], "eps"),
 ])
 def test_bad_flags_raise_one_line_value_errors(tmp_path, monkeypatch, flags, words):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=words) as e:
-        C.main([*TINY, "--steps", "2", *flags, "--out", "bad"])
+        C.main([*FLAGS, "--steps", "2", *flags, "--out", "bad"])
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("flags, words", [  # as a user sees them: the script's handler, one line, exit code 2
-    (["--eps", "0"], "eps"),
     (["--tan-batch", "80"], "--tan-batch"),
     (["--init", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
-    (["--data", "/no/such/path"], "/no/such/path"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
-    r = run_script("cap_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
+    r = run_script("cap_dp.py", *FLAGS, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
     assert_one_error_line(r, words)
-
-
-def test_eps_inf_is_a_non_private_reference(tmp_path):
-    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
-    r = run_script("cap_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
-    assert "NOT PRIVATE" in r.stdout
 
 
 def test_non_private_training_learns_zero_shot_on_an_easy_set():

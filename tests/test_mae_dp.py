@@ -1,12 +1,10 @@
-"""mae_dp.py: per-example gradients, clipping, noise, and the script end to end (tiny sizes)."""
+"""mae_dp.py: per-example gradients, the masked loss, clipping, noise and canaries; what every script shares end to
+end is in test_scripts.py."""
 import json
 
-import pytest
 import torch
 
-import accountant
 import mae_dp as M
-from conftest import assert_one_error_line, run_script
 
 
 def tiny_model(dtype=torch.float64):
@@ -137,71 +135,9 @@ def test_canaries_go_through_the_same_clip_sum_and_noise():
     z = gn["canaries"][1::3]  # the canaries not sampled: noise only
     assert abs(z.std().item() / (2.0 * 0.5 / 8.0) - 1) < 5 / (2 * z.numel()) ** 0.5
 
-TINY = ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
-        "--syn-steps", "3", "--syn-batch", "8", "--probe-n", "200", "--log-every", "2"]
 
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("mae")
-    r = run_script("mae_dp.py", "--eps", "4", "--steps", "4", "--out", "run", *TINY, cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cwd, r
-
-
-def test_smoke_run_writes_a_true_claim(smoke):
-    cwd, r = smoke
+def test_smoke_run_reports_its_probes(smoke_run):
+    """The run's own outputs beyond the shared claim (test_scripts.py): a linear probe of each stage."""
+    cwd, _ = smoke_run("mae_dp.py")
     s = json.loads((cwd / "run" / "summary.json").read_text())
-    assert s["steps"] == 4 and s["n"] == 300 and s["delta"] == pytest.approx(1 / 600)
-    assert s["q"] == pytest.approx(40 / 300)
-    assert s["eps"] <= 4.0
-    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=4, delta=s["delta"]))
     assert set(s["probe_accuracy_not_private"]) == {"random_init", "vip_syn", "vip"}
-    lines = [json.loads(l) for l in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [2, 4]
-    assert (cwd / "run" / "recon.png").stat().st_size > 0
-    assert "eps=" in r.stdout
-
-
-def test_resume_continues_step_and_epsilon(smoke, tmp_path):
-    cwd, _ = smoke
-    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
-    import shutil
-    shutil.copytree(cwd / "run", tmp_path / "run")
-    shutil.copytree(cwd / "runs", tmp_path / "runs")  # the ViP-Syn cache
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 4 and ck["accountant"]
-    ck["args"]["steps"] = 6
-    eps4 = accountant.RDPAccountant()
-    eps4.load_state_dict(ck["accountant"])
-    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
-    r = run_script("mae_dp.py", "--out", "run", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed at step 4" in r.stdout
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["steps"] == 6
-    # epsilon continues from the checkpoint: 4 steps at the old sigma + 2 more, not 2 from scratch
-    eps4.step(q=s["q"], sigma=s["sigma"], steps=2)
-    assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
-    assert s["eps"] > accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2, delta=s["delta"])
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--eps", "0"], "eps"),
-    (["--eps", "-1"], "eps"),
-    (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
-    (["--batch-size", "301"], "batch"),
-    (["--data", "/no/such/path"], "/no/such/path"),
-])
-def test_bad_flags_exit_with_one_line(tmp_path, flags, words):
-    r = run_script("mae_dp.py", *TINY, "--steps", "2", *flags, "--out", "bad", cwd=tmp_path)
-    assert_one_error_line(r, words)
-
-
-def test_eps_inf_is_a_non_private_reference(tmp_path):
-    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
-    r = run_script("mae_dp.py", "--eps", "inf", "--steps", "2", "--out", "run", *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
-    assert "NOT PRIVATE" in r.stdout

@@ -13,10 +13,10 @@ import clip_dp
 import data
 import mae_dp
 import randp
-from conftest import run_script
-from test_mae_dp import TINY
+from conftest import TINY, run_script
 
 SCRIPTS = [mae_dp, cap_dp, clip_dp, randp]
+FLAGS = TINY["mae_dp.py"]  # the end-to-end runs here are mae_dp.py's
 
 
 # --- 1-3: the secret seeds, model.pt and the public log, end to end (mae_dp.py, tiny) ---
@@ -25,7 +25,7 @@ SCRIPTS = [mae_dp, cap_dp, clip_dp, randp]
 def two_default_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("release")
     for out in ("a", "b"):  # identical flags, no --insecure-seed
-        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--out", out, *TINY, cwd=cwd)
+        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--out", out, *FLAGS, cwd=cwd)
         assert r.returncode == 0, r.stderr[-3000:]
     return cwd
 
@@ -43,7 +43,7 @@ def test_two_default_runs_release_different_models(two_default_runs):
 
 def test_pinned_seed_replays_the_run_exactly(tmp_path):
     for out in ("a", "b"):
-        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--insecure-seed", "--out", out, *TINY, cwd=tmp_path)
+        r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--insecure-seed", "--out", out, *FLAGS, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "--insecure-seed" in r.stdout  # the run says that its eps rests on a public seed
     a, b = (weights(tmp_path / r / "model.pt") for r in ("a", "b"))
@@ -65,14 +65,24 @@ def test_the_secret_seeds_stay_in_the_checkpoint(two_default_runs):
     model = torch.load(run / "model.pt", weights_only=True)
     assert set(model) == {"model", "privacy", "script"}  # no generator state, no optimizer, no args
     assert all(torch.equal(v, ck["model"][k]) for k, v in model["model"].items())
-    assert model["privacy"]["eps"] == pytest.approx(json.loads((run / "summary.json").read_text())["eps"])
+    # the release's own accountant gives the eps it states (2 steps at the summary's q and sigma)
+    s = json.loads((run / "summary.json").read_text())
+    released = accountant.RDPAccountant()
+    released.load_state_dict(model["privacy"]["accountant"])
+    assert model["privacy"]["eps"] == pytest.approx(released.epsilon(model["privacy"]["delta"]))
+    assert model["privacy"]["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2,
+                                                                       delta=s["delta"]))
 
 
 def test_the_log_holds_only_released_values_unless_asked(two_default_runs, tmp_path):
     lines = [json.loads(l) for l in (two_default_runs / "a" / "metrics.jsonl").read_text().splitlines()]
+    s = json.loads((two_default_runs / "a" / "summary.json").read_text())
     assert lines and all("loss" not in l and "batch" not in l for l in lines)
-    assert all(l["noisy_grad_norm"] > 0 and l["eps"] > 0 for l in lines)
-    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--log-private", "--out", "p", *TINY, cwd=tmp_path)
+    assert all(l["noisy_grad_norm"] > 0 for l in lines)
+    # each line's eps is the eps spent by its step, not the run's final one
+    assert [l["eps"] for l in lines] == pytest.approx(
+        [accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=l["step"], delta=s["delta"]) for l in lines])
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--log-private", "--out", "p", *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert all(l["private"] and l["loss"] > 0 and l["batch"] > 0 for l in lines)
@@ -164,7 +174,7 @@ def test_init_from_a_dp_run_composes_end_to_end(two_default_runs, tmp_path):
     shutil.copytree(two_default_runs / "runs", tmp_path / "runs")  # the ViP-Syn cache
     first = json.loads((two_default_runs / "a" / "summary.json").read_text())
     src = two_default_runs / "a" / "model.pt"
-    r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--out", "c", *TINY, cwd=tmp_path)
+    r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--out", "c", *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9  # the budget is shared with the first run
@@ -173,9 +183,10 @@ def test_init_from_a_dp_run_composes_end_to_end(two_default_runs, tmp_path):
     both.step(q=s["q"], sigma=s["sigma"], steps=s["steps"])
     assert s["eps"] == pytest.approx(both.epsilon(s["delta"]), rel=1e-9)
     assert [p["eps_alone"] for p in s["privacy_pipeline"]] == pytest.approx([first["eps"], s["eps_this_run"]])
-    assert "composed" in r.stdout
+    assert f"eps={s['eps']:.3f} is composed with the --init run's; this run alone: eps={s['eps_this_run']:.3f}" \
+        in r.stdout
     r = run_script("mae_dp.py", "--eps", "6", "--steps", "2", "--init", src, "--init-data-disjoint", "--out", "d",
-                   *TINY, cwd=tmp_path)
+                   *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert d["eps"] == pytest.approx(d["eps_this_run"]) and 5.9 < d["eps"] <= 6  # not composed: all of it
@@ -203,7 +214,7 @@ def test_a_nan_in_a_padding_slot_leaves_the_release_finite(M):
 
 def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_checkpoint(tmp_path):
     # lr 1e30: the first update is finite, the second step's gradients are not
-    flags = [*TINY, "--eps", "4", "--steps", "6", "--lr", "1e30", "--warmup", "0", "--log-every", "1"]
+    flags = [*FLAGS, "--eps", "4", "--steps", "6", "--lr", "1e30", "--warmup", "0", "--log-every", "1"]
     r = run_script("mae_dp.py", *flags, "--out", "nan", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr  # stderr also holds the progress bar here
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
@@ -213,13 +224,12 @@ def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_checkpoint(t
     assert not (tmp_path / "nan" / "model.pt").exists()  # nothing is released
 
 
-@pytest.mark.parametrize("script, tiny", [("cap_dp.py", "test_cap_dp"), ("clip_dp.py", "test_clip_dp")])
-def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs, tmp_path, script, tiny):
-    flags = __import__(tiny).TINY
+@pytest.mark.parametrize("script", ["cap_dp.py", "clip_dp.py"])
+def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs, tmp_path, script):
     first = json.loads((two_default_runs / "a" / "summary.json").read_text())
     r = run_script(script, "--eps", "6", "--steps", "2", "--init", two_default_runs / "a" / "model.pt", "--out", "c",
                    "--stem", "linear",  # the encoder of mae_dp.py
-                   *flags, cwd=tmp_path)
+                   *TINY[script], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9
@@ -229,9 +239,9 @@ def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs,
 
 def test_a_run_without_noise_is_recorded_as_not_private_and_refused_as_init(two_default_runs, tmp_path):
     shutil.copytree(two_default_runs / "runs", tmp_path / "runs")  # the ViP-Syn cache
-    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--debug-no-noise", "--out", "bad", *TINY, cwd=tmp_path)
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--debug-no-noise", "--out", "bad", *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(tmp_path / "bad" / "model.pt", weights_only=True)["privacy"]["private"] is False
-    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "bad/model.pt", "--out", "next", *TINY,
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "bad/model.pt", "--out", "next", *FLAGS,
                    cwd=tmp_path)
     assert r.returncode == 2 and "NOT private" in r.stderr and "Traceback" not in r.stderr

@@ -1,4 +1,4 @@
-"""torchrun (issue #8): two CPU processes under gloo, launched as users launch them
+"""torchrun: two CPU processes under gloo, launched as users launch them
 (`python -m torch.distributed.run --nproc_per_node=2 --standalone script.py ...`, i.e. torchrun).
 
 cap_dp.py draws no per-example randomness (teacher forcing, no augmentation), so two processes must end where
@@ -7,7 +7,6 @@ other scripts augment per example from a stream per rank, so for them: a short r
 the accountant's epsilon, and a resume."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,17 +15,10 @@ import torch
 
 import accountant
 import cap_dp as C
-import test_cap_dp
-import test_clip_dp
-import test_mae_dp
-import test_randp
-from conftest import ROOT, run_script
-
-TINY = {"cap_dp.py": test_cap_dp.TINY, "mae_dp.py": test_mae_dp.TINY, "clip_dp.py": test_clip_dp.TINY,
-        "randp.py": test_randp.TINY}
+from conftest import ROOT, TINY, run_script
 
 
-def tiny(script):
+def tiny_flags(script):
     """The script's TINY flags, with --n spelled --n-examples (torchrun takes --n for an ambiguous flag of its own)."""
     return ["--n-examples" if a == "--n" else a for a in TINY[script]]
 
@@ -49,7 +41,8 @@ def max_diff(a, b):
 def test_two_processes_end_where_one_does_with_the_noise_added_once(tmp_path, monkeypatch):
     # --insecure-seed: both runs draw the same secret randomness, so they can be compared; --log-private: the log
     # then holds the loss and batch size compared below
-    flags = ["--eps", "4", "--steps", "4", "--audit", "100", "--insecure-seed", "--log-private", *tiny("cap_dp.py")]
+    flags = ["--eps", "4", "--steps", "4", "--audit", "100", "--insecure-seed", "--log-private",
+             *tiny_flags("cap_dp.py")]
     one = run_script("cap_dp.py", *flags, "--out", "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("cap_dp.py", *flags, "--out", "two", cwd=tmp_path)
@@ -86,7 +79,7 @@ def test_every_rank_draws_rank_0s_secret_sample(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(
         "import os\nimport data\n"
         "data.secret_seeds = lambda pinned=None: (11 + 1000 * int(os.environ.get('RANK', 0)), 7)\n")
-    flags = ["--eps", "4", "--steps", "4", *tiny("cap_dp.py")]
+    flags = ["--eps", "4", "--steps", "4", *tiny_flags("cap_dp.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     one = subprocess.run([sys.executable, str(ROOT / "cap_dp.py"), *flags, "--out", "one"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -97,7 +90,7 @@ def test_every_rank_draws_rank_0s_secret_sample(tmp_path):
 
 
 def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
-    r = torchrun("cap_dp.py", *tiny("cap_dp.py"), "--eps", "0", "--out", "bad", cwd=tmp_path)
+    r = torchrun("cap_dp.py", *tiny_flags("cap_dp.py"), "--eps", "0", "--out", "bad", cwd=tmp_path)
     assert r.returncode != 0
     errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "eps" in errors[0], r.stderr[-3000:]  # rank 0's; torchrun then adds its report
@@ -106,7 +99,7 @@ def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("script, extra", [("mae_dp.py", []), ("clip_dp.py", []), ("randp.py", ["--lp-steps", "1"])])
 def test_smoke_two_processes(tmp_path, script, extra):
-    r = torchrun(script, "--eps", "4", "--steps", "2", *extra, *tiny(script), "--out", "run", cwd=tmp_path)
+    r = torchrun(script, "--eps", "4", "--steps", "2", *extra, *tiny_flags(script), "--out", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done: eps=") == 1 and "Traceback" not in r.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())

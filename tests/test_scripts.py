@@ -1,0 +1,189 @@
+"""What the four scripts share: the DP block and the labelled plumbing, copied on purpose and kept byte-identical,
+and the behaviour every script must have end to end (tiny sizes): a true privacy claim, a resume that continues
+step and epsilon, bad flags as one line, and the --eps inf ceiling. What is one method's own is in its test file."""
+import collections
+import difflib
+import inspect
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+import accountant
+import cap_dp
+import clip_dp
+import data
+import mae_dp
+import randp
+from conftest import assert_one_error_line, run_script, tiny
+
+MODULES = {"mae_dp.py": mae_dp, "cap_dp.py": cap_dp, "clip_dp.py": clip_dp, "randp.py": randp}
+ALL = tuple(MODULES)
+VIT = ("mae_dp.py", "cap_dp.py", "clip_dp.py")  # the three ViT scripts; randp.py is a WRN
+
+# Each file stands alone (STYLE.md, CleanRL), so these are copies; this list is what keeps them one text. Each entry:
+# (name, the scripts sharing it). A name is a top-level function or class of the script; "main: <words>" is the block
+# of main() whose `# --- <words>...` banner it names, up to the next banner; "__main__" is the closing handler
+# that turns a bad input into one `error:` line. Not listed, as the copies differ by design: the "TRY NOT TO MODIFY"
+# flag block (each script appends its own checks), save_checkpoint (randp.py adds its phase and EMA), ConvStem (not
+# in mae_dp.py) and ViTEncoder (mae_dp.py's has no conv stem).
+SHARED = (
+    ("make_per_example_grads", ALL),
+    ("dp_step", ALL),
+    ("all_ranks_sum", ALL),
+    ("make_batch_grad", ALL),
+    ("plain_step", ALL),
+    ("lr_at", ALL),
+    ("main: seeding and run naming", ALL),
+    ("main: many processes", ALL),
+    ("__main__", ALL),
+    ("sincos_pos_embed", VIT),
+    ("patchify", VIT),
+    ("Attention", VIT),
+    ("Block", VIT),
+)
+
+
+def main_blocks(module):
+    """{banner words: text} of the `    # --- words ---` blocks of module.main, each up to the next banner."""
+    blocks, words = {}, None
+    for line in inspect.getsource(module.main).splitlines(keepends=True):
+        m = re.match(r"    # --- (.*)", line)
+        if m:
+            words = m.group(1)
+            blocks[words] = ""
+        if words is not None:
+            blocks[words] += line
+    return blocks
+
+
+def shared_source(module, name):
+    if name == "__main__":
+        src = inspect.getsource(module)
+        return src[src.index('\nif __name__ == "__main__":'):]
+    if name.startswith("main: "):
+        found = [text for words, text in main_blocks(module).items() if words.startswith(name[len("main: "):])]
+        assert len(found) == 1, f"{module.__name__}.main: {len(found)} blocks under a banner '# --- {name[6:]}'"
+        return found[0]
+    return inspect.getsource(getattr(module, name))
+
+
+@pytest.mark.parametrize("name, scripts", SHARED, ids=[re.sub(r"\W+", "_", name) for name, _ in SHARED])
+def test_shared_code_is_identical_in_every_script(name, scripts):
+    sources = {s: shared_source(MODULES[s], name) for s in scripts}
+    # the copy most scripts hold is the reference, so the message names the script that drifted from it
+    reference, _ = collections.Counter(sources.values()).most_common(1)[0]
+    holders = [s for s in scripts if sources[s] == reference]
+    drifted = [s for s in scripts if s not in holders]
+    diffs = ["".join(difflib.unified_diff(reference.splitlines(True), sources[s].splitlines(True),
+                                          f"{holders[0]}: {name}", f"{s}: {name}")) for s in drifted]
+    assert not drifted, f"{name} drifted in {', '.join(drifted)} from the copy in {', '.join(holders)}:\n" + \
+        "\n".join(diffs)
+
+
+def test_every_block_labelled_identical_is_checked():
+    listed = [name[len("main: "):] for name, _ in SHARED if name.startswith("main: ")]
+    for script, module in MODULES.items():
+        for words in main_blocks(module):
+            if "identical in every script" in words:
+                assert any(words.startswith(w) for w in listed), f"{script}: '# --- {words}' is not in SHARED"
+
+
+# --- end to end: each script's tiny run (conftest.smoke_run), shared with its own test file ---
+
+# Per script: the picture its run writes, and the line of its checkpoint's step-6 log that a resume must keep
+# (randp.py's phase); its own summary keys are tested in its own file.
+PICTURE = {"mae_dp.py": "recon.png", "cap_dp.py": "captions.png", "clip_dp.py": "zero_shot.png",
+           "randp.py": "priors.png"}
+RESUMED_LOG = {"mae_dp.py": {}, "cap_dp.py": {}, "clip_dp.py": {}, "randp.py": {"phase": "fine_tune"}}
+each_script = pytest.mark.parametrize("script", ALL, ids=[s[:-3] for s in ALL])
+
+
+def log_of(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@each_script
+def test_smoke_run_writes_a_true_claim(smoke_run, script):
+    cwd, r = smoke_run(script)
+    s = json.loads((cwd / "run" / "summary.json").read_text())
+    assert s["steps"] == 4 and s["n"] == 300 and s["delta"] == pytest.approx(1 / 600)
+    assert s["q"] == pytest.approx(40 / 300) and s["private"] is True
+    # sigma is calibrated to the target: eps met, and not by an overshooting sigma that would waste utility
+    assert 3.9 < s["eps"] <= 4.0
+    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=4, delta=s["delta"]))
+    assert [l["step"] for l in log_of(cwd / "run")] == [2, 4]
+    assert (cwd / "run" / PICTURE[script]).stat().st_size > 0
+    # the released file carries the accountant of what ran (4 steps at q, sigma), not only a number
+    privacy = torch.load(cwd / "run" / "model.pt", weights_only=True)["privacy"]
+    released = accountant.RDPAccountant()
+    released.load_state_dict(privacy["accountant"])
+    assert privacy["private"] is True and released.epsilon(privacy["delta"]) == pytest.approx(s["eps"])
+    assert f"done: eps={s['eps']:.3f}" in r.stdout  # what the user reads is the eps of the summary
+
+
+@each_script
+def test_resume_continues_step_and_epsilon(smoke_run, tmp_path, script):
+    cwd, _ = smoke_run(script)
+    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    if (cwd / "runs").exists():  # mae_dp.py's ViP-Syn cache, randp.py's phase I prior
+        shutil.copytree(cwd / "runs", tmp_path / "runs")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["accountant"]
+    ck["args"]["steps"] = 6
+    eps4 = accountant.RDPAccountant()
+    eps4.load_state_dict(ck["accountant"])
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_script(script, "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"resumed at step 4, eps so far {eps4.epsilon(s['delta']):.3f}" in r.stdout
+    assert s["steps"] == 6
+    # epsilon continues from the checkpoint: 4 steps at the old sigma + 2 more, not 2 from scratch
+    assert s["eps"] > accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2, delta=s["delta"])
+    eps4.step(q=s["q"], sigma=s["sigma"], steps=2)
+    assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
+    # the log continues too: the lines up to step 4 as they were, then step 6, none repeated
+    before, after = log_of(cwd / "run"), log_of(tmp_path / "run")
+    assert after[:2] == before and [l["step"] for l in after] == [2, 4, 6]
+    assert RESUMED_LOG[script].items() <= after[2].items()
+
+
+@each_script
+@pytest.mark.parametrize("flags, words", [  # as a user sees them: the script's handler, one line, exit code 2
+    (["--eps", "0"], "eps"),  # a ValueError
+    (["--data", "/no/such/path"], "/no/such/path"),  # a data.DataError
+])
+def test_bad_flags_exit_with_one_line(tmp_path, script, flags, words):
+    r = run_script(script, *tiny(script, 2), *flags, "--out", "bad", cwd=tmp_path)
+    assert_one_error_line(r, words)
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+@each_script
+@pytest.mark.parametrize("flags, words", [  # in process: main() raises the one-line error the handler prints
+    (["--eps", "-1"], "eps"),
+    (["--delta", "0.01"], "delta"),  # >= 1/N for N = 300
+    (["--batch-size", "301"], "batch"),  # > N
+    (["--eps", "inf", "--audit", "10"], "--audit"),  # an audit checks a claim; --eps inf makes none
+])
+def test_bad_flags_raise_one_line_errors(tmp_path, monkeypatch, script, flags, words):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, data.DataError), match=words) as e:
+        MODULES[script].main([*tiny(script, 2), *flags, "--out", "bad"])
+    assert "\n" not in str(e.value)
+
+
+@each_script
+def test_eps_inf_is_a_non_private_reference(tmp_path, script):
+    """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
+    r = run_script(script, "--eps", "inf", *tiny(script, 2), "--out", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0 and s["steps"] == 2
+    assert "NOT PRIVATE" in r.stdout
+    release = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert release["privacy"]["private"] is False  # a file refused as a private --init (test_release.py)
