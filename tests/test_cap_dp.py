@@ -78,7 +78,7 @@ def step(model, xs, tok, *, clip, sigma, expected_batch, seed=0):
     peg = C.make_per_example_grads(model, C.caption_loss)
     idx = torch.arange(len(xs))
     micro = [(idx, torch.ones(len(xs), dtype=torch.bool))]
-    g, _ = C.dp_step(peg, params, buffers, micro, lambda i: (xs[i], tok[i]), clip=clip, sigma=sigma,
+    g, _ = C.dp_step(peg, params, buffers, micro, lambda i: (xs[i], tok[i]), clip=clip, noise_std=sigma * clip,
                      expected_batch=expected_batch, noise_gen=torch.Generator().manual_seed(seed))
     return torch.cat([v.reshape(-1) for v in g.values()])
 
@@ -98,14 +98,14 @@ def test_clipping_padding_slots_and_noise():
     peg = C.make_per_example_grads(model, C.caption_loss)
     mask = torch.tensor([True, False, True, False, False])
     g, _ = C.dp_step(peg, params, buffers, [(torch.arange(5), mask)], lambda i: (xs[i], tok[i]), clip=clip,
-                     sigma=0.0, expected_batch=1, noise_gen=torch.Generator())
+                     noise_std=0.0, expected_batch=1, noise_gen=torch.Generator())
     torch.testing.assert_close(torch.cat([v.reshape(-1) for v in g.values()]), ones[0] + ones[2])
     # an empty Poisson sample leaves only the noise: std sigma*C/B per coordinate
     model32 = tiny_model(torch.float32)
     p32, b32 = functional(model32)
     empty = [(torch.arange(2), torch.zeros(2, dtype=torch.bool))]
     g, _ = C.dp_step(C.make_per_example_grads(model32, C.caption_loss), p32, b32, empty,
-                     lambda i: (xs[i].float(), tok[i]), clip=0.5, sigma=1.7, expected_batch=8.0,
+                     lambda i: (xs[i].float(), tok[i]), clip=0.5, noise_std=1.7 * 0.5, expected_batch=8.0,
                      noise_gen=torch.Generator().manual_seed(3))
     z = torch.cat([v.reshape(-1) for v in g.values()])
     assert z.numel() > 5000 and abs(z.std().item() / (1.7 * 0.5 / 8) - 1) < 5 / (2 * z.numel()) ** 0.5

@@ -82,7 +82,7 @@ def dp_on(model, members, mask, imgs, toks, *, clip, sigma, per_call=2, seed=0):
     params, buffers = functional(model)
     peg = M.make_per_example_grads(model, M.clip_loss)
     load_pairs = lambda idx, m: (imgs[idx], toks[idx], m)
-    return M.micro_batch_step(peg, params, buffers, members, mask, load_pairs, clip=clip, sigma=sigma,
+    return M.micro_batch_step(peg, params, buffers, members, mask, load_pairs, clip=clip, noise_std=2 * sigma * clip,
                               per_call=per_call, noise_gen=torch.Generator().manual_seed(seed))[0]
 
 
@@ -215,9 +215,9 @@ def test_plain_step_is_dp_step_without_clipping_or_noise():
     load_pairs = lambda idx, mask: (imgs.flatten(0, 1)[idx], toks.flatten(0, 1)[idx], mask)
     kw = dict(per_call=3, noise_gen=torch.Generator().manual_seed(0))
     dp, dp_loss = M.micro_batch_step(M.make_per_example_grads(model, M.clip_loss), params, buffers, members, pair_mask,
-                                     load_pairs, clip=1e9, sigma=0.0, **kw)
-    plain, plain_loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, sigma=1.0,
-                                           batch_grad=M.make_batch_grad(model, M.clip_loss), **kw)
+                                     load_pairs, clip=1e9, noise_std=0.0, **kw)
+    plain, plain_loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0,
+                                           noise_std=2.0, batch_grad=M.make_batch_grad(model, M.clip_loss), **kw)
     assert plain_loss == pytest.approx(dp_loss)
     for k in dp:
         torch.testing.assert_close(plain[k], dp[k], rtol=1e-8, atol=1e-12, msg=k)
@@ -255,7 +255,7 @@ def test_non_private_training_learns_zero_shot_on_an_easy_set():
         members, pair_mask = M.sample_micro_batches(len(train), 64 / len(train), 8, generator=gen)
         for group in opt.param_groups:
             group["lr"] = M.lr_at(step, 150, 5e-3, 10)
-        g, loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, sigma=0.0,
+        g, loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, noise_std=0.0,
                                      per_call=8, noise_gen=None, batch_grad=batch_grad)
         for k, p in params.items():
             p.grad = g[k]

@@ -53,7 +53,7 @@ def step(model, xs, noise, *, clip, sigma, expected_batch, seed=0):
     peg = M.make_per_example_grads(model, loss_fn)
     idx = torch.arange(len(xs))
     micro = [(idx, torch.ones(len(xs), dtype=torch.bool))]
-    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), clip=clip, sigma=sigma,
+    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), clip=clip, noise_std=sigma * clip,
                      expected_batch=expected_batch, noise_gen=torch.Generator().manual_seed(seed))
     return g
 
@@ -89,7 +89,7 @@ def test_padding_slots_contribute_nothing():
     peg = M.make_per_example_grads(model, loss_fn)
     mask = torch.tensor([True, False, True, False])
     g, _ = M.dp_step(peg, params, buffers, [(torch.arange(4), mask)], lambda i: (xs[i], noise[i]), clip=1.0,
-                     sigma=0.0, expected_batch=1, noise_gen=torch.Generator())
+                     noise_std=0.0, expected_batch=1, noise_gen=torch.Generator())
     ref = flat(step(model, xs[[0, 2]], noise[[0, 2]], clip=1.0, sigma=0.0, expected_batch=1))
     torch.testing.assert_close(flat(g), ref)
 
@@ -102,7 +102,7 @@ def test_noise_has_std_sigma_C_over_B():
     xs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
     empty = [(torch.arange(2), torch.zeros(2, dtype=torch.bool))]
     sigma, clip, B = 1.7, 0.5, 8.0
-    g, _ = M.dp_step(peg, params, buffers, empty, lambda i: (xs[i], noise[i]), clip=clip, sigma=sigma,
+    g, _ = M.dp_step(peg, params, buffers, empty, lambda i: (xs[i], noise[i]), clip=clip, noise_std=sigma * clip,
                      expected_batch=B, noise_gen=torch.Generator().manual_seed(3))
     z = flat(g)
     n = z.numel()
@@ -124,13 +124,13 @@ def test_canaries_go_through_the_same_clip_sum_and_noise():
     canaries = torch.zeros(3000)
     canaries[::3] = 10.0  # 1000 sampled canaries of norm 10 C
     kw = dict(clip=0.5, expected_batch=8.0)
-    g0, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=0.0,
+    g0, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=0.0,
                       noise_gen=torch.Generator().manual_seed(0), **kw)
-    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=0.0,
+    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=0.0,
                      noise_gen=torch.Generator().manual_seed(0), canaries=canaries, **kw)
     assert torch.allclose(g.pop("canaries"), (canaries > 0) * 0.5 / 8.0, atol=1e-6)  # clipped to C, then / B
     assert all(torch.equal(g[k], g0[k]) for k in g0)
-    gn, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), sigma=2.0,
+    gn, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=2.0 * 0.5,
                       noise_gen=torch.Generator().manual_seed(1), canaries=canaries, **kw)
     z = gn["canaries"][1::3]  # the canaries not sampled: noise only
     assert abs(z.std().item() / (2.0 * 0.5 / 8.0) - 1) < 5 / (2 * z.numel()) ** 0.5

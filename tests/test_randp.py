@@ -76,7 +76,7 @@ def test_phase_switch(phase):
     trainable, frozen = R.trainable_split(params, buffers, phase)
     noisy, _ = R.dp_step(R.make_per_example_grads(model, R.classify_loss), trainable, frozen,
                          [(torch.arange(6), torch.ones(6, dtype=torch.bool))], lambda i: (views[i], labels[i]),
-                         clip=1.0, sigma=1.0, expected_batch=6, noise_gen=torch.Generator().manual_seed(0))
+                         clip=1.0, noise_std=1.0, expected_batch=6, noise_gen=torch.Generator().manual_seed(0))
     for k, p in params.items():  # as main() does
         p.grad = noisy[k].to(p.dtype) if k in noisy else None
     opt.step()

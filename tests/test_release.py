@@ -111,7 +111,7 @@ def test_one_example_moves_the_sum_by_at_most_C_under_bf16_autocast(M):
         sums = []
         for mask in (torch.ones(P, dtype=torch.bool), torch.arange(P) != out):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                g, _ = M.dp_step(peg, params, {}, [(idx, mask)], lambda i: i, clip=C, sigma=0.0, expected_batch=1,
+                g, _ = M.dp_step(peg, params, {}, [(idx, mask)], lambda i: i, clip=C, noise_std=0.0, expected_batch=1,
                                  noise_gen=torch.Generator().manual_seed(0))
             assert g["w"].dtype == torch.float32
             sums.append(g["w"].double())
@@ -204,11 +204,11 @@ def test_a_nan_in_a_padding_slot_leaves_the_release_finite(M):
         return {"w": G[idx]}, torch.ones(len(idx))
     mask = torch.tensor([True, True, True, False])
     g, loss = M.dp_step(peg, {"w": torch.zeros(10)}, {}, [(torch.arange(4), mask)], lambda i: i, clip=1.0,
-                        sigma=1.0, expected_batch=3, noise_gen=torch.Generator().manual_seed(0))
+                        noise_std=1.0, expected_batch=3, noise_gen=torch.Generator().manual_seed(0))
     assert torch.isfinite(g["w"]).all() and np.isfinite(loss)
     mask[3] = True  # the same NaN in a sampled example stops the step
     with pytest.raises(ValueError, match="non-finite"):
-        M.dp_step(peg, {"w": torch.zeros(10)}, {}, [(torch.arange(4), mask)], lambda i: i, clip=1.0, sigma=1.0,
+        M.dp_step(peg, {"w": torch.zeros(10)}, {}, [(torch.arange(4), mask)], lambda i: i, clip=1.0, noise_std=1.0,
                   expected_batch=4, noise_gen=torch.Generator().manual_seed(0))
 
 
