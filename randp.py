@@ -229,7 +229,7 @@ def make_per_example_grads(model, loss_fn):
 
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
             noise_gen, canaries=None):
-    """One logical DP-SGD step. physical_batches: [(idx (P,), mask (P,))], one Poisson sample in fixed-shape
+    """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's sampled canary gradients (m,), canary i along its own coordinate i (accountant.CanaryAudit);
@@ -239,19 +239,19 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
     for idx, mask in physical_batches:
-        batch = load(idx)  # tensors of P examples, e.g. images (P, C, H, W)
-        grads, losses = per_example_grads(params, buffers, batch)  # {name: (P, *shape)}, (P,)
+        batch = load(idx)  # tensors of the B examples of one vmap call, e.g. (B, C, H, W)
+        grads, losses = per_example_grads(params, buffers, batch)  # {name: (B, *shape)}, (B,)
         # The sensitivity argument lives here, so it runs in float32 (at least) whatever the autocast: a bf16
         # matmul would round the clipped sum, and one example could then move it by more than C.
         with torch.autocast(losses.device.type, enabled=False):
-            keep = mask.to(losses.device)  # (P,) bool; padding slots are False
+            keep = mask.to(losses.device)  # (B,) bool; padding slots are False
             # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
             norms = torch.stack([torch.linalg.vector_norm(up(g).reshape(g.shape[0], -1), dim=1)
-                                 for g in grads.values()]).norm(dim=0)  # (P,)
+                                 for g in grads.values()]).norm(dim=0)  # (B,)
             finite = torch.isfinite(norms)
             bad += int((keep & ~finite).sum())
             # g_i <- g_i * min(1, C / ||g_i||); padding slots get factor 0 through where, never 0 * NaN
-            factor = torch.where(keep & finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)  # (P,)
+            factor = torch.where(keep & finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)  # (B,)
             whole = bool(finite.all())  # else zero the non-finite rows (padding only, or the run stops below)
             for k, g in grads.items():
                 g = up(g) if whole else torch.where(finite.view(-1, *[1] * (g.dim() - 1)), up(g), 0.0)
