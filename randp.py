@@ -16,17 +16,18 @@ What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parame
 prior and 200 private steps of B = 512 (20 of them linear probe), so one run takes minutes on a 2-core CPU; the
 MNIST and CIFAR-10 commands below trade batch for steps (B = 256), sized to a CPU time budget; the paper's
 WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differs from De et al.'s WRN so that a
-few hundred steps learn (issue #5): one channel per GroupNorm group, LayerNorm on the pooled features and He init
-(see norm(), WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public
-proxy, the embedded shapes set (README, "how the defaults were chosen"), never on the data reported. data.py's
+few hundred steps learn: one channel per GroupNorm group, LayerNorm on the pooled features and He init (see norm(),
+WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the
+embedded shapes set (docs/RESULTS.md, docs/SWEEP_randp.md), never on the data reported; so were the non-private
+reference's own lr and momentum (--eps inf: unclipped, a DP learning rate diverges). data.py's
 random-process generators stand in for the paper's StyleGAN-Oriented images. The model takes the private set's
 channels and its prior is learned on random-process images in those channels (grey sets such as MNIST: their
 BT.601 luma), so a grey set is not fine-tuned from a prior that only ever saw colour. Phase I is public compute,
 cached per flags in runs/cache/ (`--build-prior` builds it alone). The test split is read once, at the end, for
 the report: nothing is chosen with it.
 
-  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500            # MNIST (README)
-  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior # DP-SGD alone
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500       # MNIST
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior  # baseline
   python randp.py --eps 8 --data /tmp/cifar10 --batch-size 256 --steps 350       # CIFAR-10 (folder or pickles)
   python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 --aug-mult 16 \\
       --physical-batch 64 --lr 4 --momentum 0 --prior-steps 20000 --prior-batch 512     # the paper's scale: a GPU
@@ -49,7 +50,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -58,50 +59,45 @@ from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon
 def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("privacy")
-    g.add_argument("--eps", type=float, default=3.0, help="target epsilon of the private run (phases II and III together); 'inf': the non-private reference (no clipping, no noise)")
+    g.add_argument("--eps", type=float, default=3.0, help="target epsilon of phases II and III together; 'inf': the "
+                   "NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
     g.add_argument("--batch-size", type=int, default=512, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
     g.add_argument("--steps", type=int, default=200, help="logical DP-SGD steps of phases II + III together")
-    g.add_argument("--lp-steps", type=int, default=20, help="phase II: steps of DP linear probing (head only); ignored with "
-                   "--no-prior. 20 beat 0, 40 and 80 on the public proxy (README, 'how the defaults were chosen')")
+    g.add_argument("--lp-steps", type=int, default=20, help="phase II: DP linear-probe steps (none with --no-prior)")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
-    g.add_argument("--lp-features", choices=["augmented", "cached"], default="augmented", help="phase II input: "
-                   "augmented views through the frozen body each step, or each example's features computed once")
+    g.add_argument("--lp-features", choices=["augmented", "cached"], default="augmented",
+                   help="phase II input: augmented views each step, or each example's features computed once")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
-    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
+    g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
+                   help="n private examples, a subset fixed by --seed (shapes: 20000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W (images are resized to it)")
-    g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip", help="private augmentation: reflect-pad-4 crop, and a horizontal flip (not for digits)")
+    g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip",
+                   help="reflect-pad-4 crop, and a horizontal flip (not for digits)")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 0.5 = CPU default, 0.25 = tests")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2.5, help="peak SGD learning rate of phase III (fine-tuning), with "
-                   "or without the prior. Chosen with --momentum on a PUBLIC proxy only (embedded shapes, validated on "
-                   "shapes-test; README, 'how the defaults were chosen'): 2.5 beat 1.25 at momentum 0, and 0.25-1 at "
-                   "momentum 0.9. From a random init no lr learned the proxy, so --no-prior shares this one")
-    g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD learning rate of phase II (linear probe, on "
-                   "standardised features); 0.5 beat 2 on the public proxy")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum of phases II and III: none, as De et al.; "
-                   "on the public proxy momentum 0 at lr 2.5 beat momentum 0.9 at lr 0.25, 0.5 and 1")
+    g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k: 4 the paper's, 0.5 CPU, 0.25 tests")
+    g = p.add_argument_group("optimisation (chosen on the public proxy: docs/SWEEP_randp.md)")
+    g.add_argument("--lr", type=float, default=None, help="peak SGD lr of phase III (default 2.5; --eps inf: 0.05)")
+    g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD lr of phase II (linear probe)")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0, De et al.; --eps inf: 0.9)")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights evaluated (ramped up over the first steps)")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the evaluated weights (ramped up)")
     g = p.add_argument_group("phase I: prior from random processes (public, no privacy cost)")
     g.add_argument("--no-prior", action="store_true", help="random init and phase III only: plain DP-SGD, the baseline")
     g.add_argument("--prior-steps", type=int, default=200, help="alignment + uniformity steps on random-process images")
     g.add_argument("--prior-batch", type=int, default=128, help="random-process images per step (two views each)")
     g.add_argument("--prior-lr", type=float, default=0.1, help="peak SGD learning rate of phase I")
-    g.add_argument("--build-prior", action="store_true", help="build (or find) the phase I prior for these flags "
-                   "in runs/cache/ and stop: public images only, no DP run")
+    g.add_argument("--build-prior", action="store_true", help="build (or find) the cached prior, then stop")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    g.add_argument("--audit", type=int, default=0, metavar="M", help="check the claim: a one-run privacy audit with "
-                   "M gradient canaries (accountant.CanaryAudit; eps then covers N + the canaries that joined)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the public randomness (init, augmentation, data)")
+    g.add_argument("--audit", type=int, default=0, metavar="M", help="a one-run privacy audit with M gradient canaries")
     g.add_argument("--debug-no-noise", action="store_true", help=argparse.SUPPRESS)  # breaks privacy: tests only
     g.add_argument("--insecure-seed", action="store_true", help=argparse.SUPPRESS)  # tests only: replayable
-    g.add_argument("--log-private", action="store_true", help="also log the training loss and batch size "
-                   "(they read the private data: metrics.jsonl must then not be published)")
+    g.add_argument("--log-private", action="store_true",
+                   help="also log the loss and batch size (metrics.jsonl is then private)")
     g.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     g.add_argument("--name", default=None, help="run name (default randp_eps<eps>_s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -121,7 +117,7 @@ def norm(c):
     use 16 groups at width 4 (4-16 channels each), but at the CPU widths (8-32 channels) larger groups mix the few
     channels, and on MNIST, whose images are mostly one background value, each channel then needs its OWN spatial
     statistics to make a stroke stand out: in short clipped runs validated on a held-out part of the MNIST train
-    split (issue #5), one channel per group learned far faster than 2 per group. That split is private, so MNIST's
+    split, one channel per group learned far faster than 2 per group. That split is private, so MNIST's
     eps does not cover this one choice (README, "What the eps covers"); the learning rates and momentum were re-chosen
     on shapes."""
     return nn.GroupNorm(c, c)
@@ -166,9 +162,9 @@ class WRN(nn.Module):
     def features(self, x):  # (B, C, H, W) in [-1, 1] -> (B, D)
         f = F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
         # Scale-invariant features: a LayerNorm (no parameters) over one example's D features. Average pooling a
-        # mostly-background image gives features that differ between examples by a few percent of their size, so the zero
-        # head needs huge weights before it separates classes, and the body, whose gradient flows through the head,
-        # learns nothing meanwhile: the cause of issue #5's flat 23-30% on MNIST. Per example, so DP-safe, and
+        # mostly-background image gives features that differ between examples by a few percent of their size, so
+        # the zero head needs huge weights before it separates classes, and the body, whose gradient flows through
+        # the head, learns nothing meanwhile (without it: a flat 23-30% on MNIST). Per example, so DP-safe, and
         # fitted on nothing.
         f = F.layer_norm(f, f.shape[-1:])
         return (f - self.feat_mean) / self.feat_std
@@ -354,7 +350,7 @@ def prior_views(imgs_uint8, gen, channels):
     return data.to_grey(x) if channels == 1 else x
 
 
-def prior_body(args, channels, device, autocast, rank=0):
+def prior_body(args, channels, device, autocast, master=True):
     """Phase I's weights: the body (stem, blocks, norm) of a WRN trained on random-process images alone. A function
     of its flags only (its own seeds), so it is built once, cached in runs/cache/ under a name made of those flags,
     and read back by every later run: the cost is public compute, paid once, and no privacy.
@@ -368,7 +364,7 @@ def prior_body(args, channels, device, autocast, rank=0):
         model = WRN(args.width, 10, channels).to(device)  # the head is not kept: any class count will do
         train_prior(model, args, device, autocast, channels)
     body = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "feat_"))}
-    if rank == 0:  # torchrun: every rank trains this public phase (rather than wait idle past the collective
+    if master:  # torchrun: every rank trains this public phase (rather than wait idle past the collective
         cache.parent.mkdir(parents=True, exist_ok=True)  # timeout); rank 0 alone writes the cache
         torch.save(body, str(cache) + ".tmp")
         os.replace(str(cache) + ".tmp", cache)
@@ -379,7 +375,8 @@ def train_prior(model, args, device, autocast, channels):
     gen = torch.Generator().manual_seed(10_000 + args.seed)
     proj = nn.Linear(model.dim, 128).to(device)  # projection head of phase I only (discarded, as in SimCLR)
     opt = torch.optim.SGD([*model.parameters(), *proj.parameters()], lr=args.prior_lr, momentum=0.9, weight_decay=5e-4)
-    bar = tqdm(range(args.prior_steps), desc="phase I: prior (public)", dynamic_ncols=True, disable=os.environ.get("RANK", "0") != "0")
+    master = os.environ.get("RANK", "0") == "0"
+    bar = tqdm(range(args.prior_steps), desc="phase I: prior (public)", dynamic_ncols=True, disable=not master)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.prior_steps, args.prior_lr, max(1, args.prior_steps // 20))
@@ -411,47 +408,41 @@ def accuracy(model, ds, device, batch=500):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Main
+# TRY NOT TO MODIFY: run plumbing (resume, torchrun, secret generators, checkpoint, log, release). It teaches no
+# DP method and is identical in every script; tests/test_scripts.py compares the copies.
 
 
-def main(argv=None):
-    parser, args = parse_args(argv)
-    t0 = time.time()
-    out = Path(args.out or f"runs/{args.name or f'randp_eps{args.eps:g}_s{args.seed}'}")
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume:  # a resumed run is the same run: its flags come from the checkpoint
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = data.load_checkpoint(ckpt_path, flag="--resume", script=Path(__file__).stem)
-        changed = [k for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
-        if any(k not in ("out", "name", "device", "log_every") for k in changed):
-            raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        defaults = {k: parser.get_default(k) for k in vars(args)}  # flags newer than the checkpoint: defaults
-        args = argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
-                                     "device": args.device})
-        if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
-            args.lr = 2.0 if args.no_prior else 1.0
-    # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
-    data.check_flags(args)
-    device = data.pick_device(args.device)
-    lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
-    if not 0 <= lp_steps < args.steps:
-        raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")
+def resumed(parser, args, out, older=None):
+    """--resume continues the checkpoint's run with the checkpoint's flags. Returns (args, checkpoint or None).
+    older: the values an older checkpoint's run had for flags added since (else a newer flag takes its default)."""
+    if not args.resume:
+        return args, None
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    ckpt = data.load_checkpoint(path, flag="--resume", script=Path(__file__).stem)
+    changed = [k for k, v in vars(args).items()
+               if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
+    if any(k not in ("out", "name", "device", "log_every") for k in changed):
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {flags}")
+    defaults = {k: parser.get_default(k) for k in vars(args)} | (older or {})
+    return argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
+                                 "device": args.device}), ckpt
 
-    # --- seeding and run naming (identical in every script) ---
+
+def start(args, out, ckpt, device):
+    """Seeding, the run folder and torchrun. Returns (rank, world, device).
+    --seed is public: it fixes the initialisation, augmentation and embedded data, never the sample or the noise.
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) no process group exists.
+    Every rank builds the same model and draws the same global Poisson sample, then keeps its shard
+    (data.poisson_batches); dp_step sums the shards and adds the noise once; rank 0 alone prints and writes."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
-    if args.resume:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
+    if ckpt:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
         data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
-
-    # --- many processes (torchrun; identical in every script): one logical step is one global Poisson sample ---
-    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them (`python script.py`) nothing here runs and no
-    # process group exists. Every rank builds the same model and draws the same global sample from the same
-    # seeded sample_gen, then keeps its shard (data.poisson_batches); dp_step sums the shards and adds the noise
-    # once. Augmentations draw from a stream per rank (aug_gen); rank 0 alone prints, logs, checkpoints, evaluates.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
@@ -460,34 +451,31 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank:  # errors still reach stderr
         sys.stdout = open(os.devnull, "w")
+    return rank, world, device
 
-    # --- data and privacy plan (accountant.py turns eps, delta, B, N, steps into q and sigma) ---
-    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
-    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
-    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
-        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
-    if private.labels is None:
-        raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
-    n_classes = data.check_labels(private, flag=f"--data {args.data}")
-    if args.build_prior:  # phase I alone: random-process images, in the private set's channels (its only use here)
-        _, cache, built = prior_body(args, private.channels, device, autocast, rank)
-        print(f"phase I: {'built' if built else 'found'} {cache} in {time.time() - t0:.0f}s (public: no privacy cost)")
-        return
-    # the test split is opened before training (its labels are read only after it): a missing one fails now
-    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
-    # sigma for ALL steps of phases II and III: the same q and sigma in both, so the whole run is one plan
-    # --audit M: canaries join the private data with fair coins; the privacy claim covers them too
-    audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
-    n_total = len(private) + (audit.n_included if audit else 0)
+
+def earlier_runs(args, ckpt, scripts):
+    """--init from an earlier run: a DP run on the same data composes with this one; public weights cost nothing."""
+    if ckpt:
+        return ckpt.get("init", dict(prior=None, note=None, pipeline=[]))
+    if getattr(args, "init", "none") in ("none", "syn"):
+        return dict(prior=None, note=None, pipeline=[])
+    return init_prior(data.load_checkpoint(args.init, flag="--init", script=scripts, keys=()),
+                      path=args.init, disjoint=args.init_data_disjoint)
+
+
+def privacy_plan(args, private, audit, earlier, detail=""):
+    """accountant.py turns --eps, --delta, B, N and the steps into q and sigma; printed in one block."""
+    n = len(private)
+    n_total = n + (audit.n_included if audit else 0)  # --audit M: joined canaries are private data too
     if audit and args.eps == math.inf:
         raise ValueError("--audit checks a privacy claim; --eps inf makes none")
-    earlier = dict(prior=None, note=None, pipeline=[])  # the prior is public: nothing earlier to compose with
-    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size, steps=args.steps)
-    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
-    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
-    print(f"private data: {private.name}, N={n_total}{f' ({N} + {n_total - N} canaries)' * bool(audit)} | q={q:.5f} (B={args.batch_size}) sigma={sigma:.4f} "
-          f"steps={args.steps} (linear probe {lp_steps}, fine-tune {args.steps - lp_steps}) K={args.aug_mult} "
-          f"clip={args.clip} delta={delta:.3g} -> target eps={args.eps}")
+    plan = dp_sgd_plan(target_eps=args.eps, delta=args.delta, n=n_total, batch_size=args.batch_size,
+                       steps=args.steps, prior=earlier["prior"])
+    canaries = f" ({n} + {n_total - n} canaries)" if audit else ""
+    print(f"private data: {private.name}, N={n_total}{canaries} | q={plan['q']:.5f} (B={args.batch_size}) "
+          f"sigma={plan['sigma']:.4f} steps={args.steps}{detail} clip={args.clip} delta={plan['delta']:.3g} "
+          f"-> target eps={args.eps}")
     if args.debug_no_noise:
         print("WARNING: --debug-no-noise adds NO noise: this run is NOT private and the eps it prints is false "
               "(a deliberately broken run, for testing the audit)")
@@ -496,14 +484,159 @@ def main(argv=None):
     if args.insecure_seed:
         print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
               "printed holds only while that seed stays secret (for tests that replay a run)")
-    if not is_private:
+    if args.eps == math.inf:
         print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
+    return plan, n_total
+
+
+def generators(args, device, rank, world):
+    """(sample_gen, aug_gen, noise_gen). The Poisson sample and the noise draw from secret seeds (the OS), never
+    from the public --seed; under torchrun every rank draws the same global sample, so takes rank 0's seed."""
+    sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
+    if world > 1:
+        shared = [sample_seed]
+        dist.broadcast_object_list(shared, src=0)
+        sample_seed = shared[0]
+    return (torch.Generator().manual_seed(sample_seed),  # Poisson sampling (secret)
+            torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank),  # augmentation (public), one per rank
+            torch.Generator(device=device).manual_seed(noise_seed))  # DP noise (secret)
+
+
+def restore(ckpt, model, opt, accountant, audit, gens, rank, delta):
+    """Load a checkpoint's weights, optimiser, accountant, audit and random streams. Returns its step."""
+    data.load_weights(model, ckpt["model"], where="--resume checkpoint.pt")
+    opt.load_state_dict(ckpt["optimizer"])
+    accountant.load_state_dict(ckpt["accountant"])
+    if audit:
+        audit.load_state_dict(ckpt["audit"])
+    sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
+    # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
+    for g, s in zip(gens, (sample_state, aug_states[rank % len(aug_states)], noise_state)):
+        g.set_state(s)
+    torch.set_rng_state(torch_state)
+    print(f"resumed at step {ckpt['step']}, eps so far {accountant.epsilon(delta):.3f}")
+    return ckpt["step"]
+
+
+def save_checkpoint(path, gens, rank, world, **state):
+    """Every rank calls it (each holds its own augmentation stream); rank 0 writes the file, atomically."""
+    sample_gen, aug_gen, noise_gen = gens
+    aug_states = [aug_gen.get_state()] * world
+    if world > 1:
+        dist.all_gather_object(aug_states, aug_gen.get_state())
+    if rank:
+        return
+    rng = [sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()]
+    torch.save(dict(state, rng=rng, script=Path(__file__).stem), str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
+
+
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+    """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
+    the private data (the batch size counts the sampling coins), so they are logged only with --log-private."""
+    update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
+    rec = dict(step=step, **extra, eps=eps, lr=lr, time=time.time() - t0,
+               noisy_grad_norm=float(torch.stack(update).norm()))
+    if args.log_private:
+        rec.update(loss=loss, batch=batch, private=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    phase = "".join(f" ({v})" for v in extra.values())
+    tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
+
+
+def end_processes(world):
+    """Training is over: the process group ends (torchrun); evaluation and outputs are rank 0's alone."""
+    if world > 1:
+        dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
+        dist.destroy_process_group()
+
+
+def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
+    """Write the release, model.pt (weights + privacy record) and summary.json, and print the privacy lines.
+    checkpoint.pt holds the secret generator states, metrics.jsonl written with --log-private the clean loss:
+    never publish those two."""
+    q, sigma, delta = plan["q"], plan["sigma"], plan["delta"]
+    eps_spent, is_private = accountant.epsilon(delta), args.eps < math.inf and not args.debug_no_noise
+    audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
+    eps_alone = epsilon(q=q, sigma=sigma, steps=steps, delta=delta)
+    pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=data_name,
+                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=steps)]
+    privacy = dict(private=is_private, eps=eps_spent, delta=delta, data=data_name, n=n_total, init=earlier["note"],
+                   accountant=accountant.state_dict(), pipeline=pipeline)
+    weights = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
+    torch.save(weights, str(out / "model.pt") + ".tmp")
+    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
+    summary = dict(private=is_private, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
+                   steps=steps, clip=args.clip, data=data_name) | summary
+    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline,
+                   audit=audit_result, debug_no_noise=args.debug_no_noise, args=vars(args))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={steps})" +
+          ("" if args.eps < math.inf else ": NOT PRIVATE (--eps inf)"))
+    if earlier["prior"]:
+        print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
+    if audit_result:
+        verdict = ("VIOLATION, the run is less private than it claims" if audit_result["violation"]
+                   else "consistent with the claim")
+        saturated = (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a"
+                     " larger eps)") if audit_result["saturated"] else ""
+        print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= "
+              f"{audit_result['eps_lower_bound']:.3f} at {audit_result['confidence']:.0%} confidence vs claimed eps "
+              f"{eps_spent:.3f}: {verdict}{saturated}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out or f"runs/{args.name or f'randp_eps{args.eps:g}_s{args.seed}'}")
+    args, ckpt = resumed(parser, args, out)  # a resumed run is the same run: its flags come from the checkpoint
+    # DP-SGD's and the non-private reference's optimiser defaults differ: clipping bounds every DP step, so lr 2.5
+    # is safe there; unclipped, the same model needs plain SGD's small lr, and momentum to make up the distance
+    if args.lr is None:
+        args.lr = 0.05 if args.eps == math.inf else 2.5
+    if args.momentum is None:
+        args.momentum = 0.9 if args.eps == math.inf else 0.0
+    data.check_flags(args)  # every numeric flag and the device, before any data is read
+    device = data.pick_device(args.device)
+    lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
+    if not 0 <= lp_steps < args.steps:
+        raise ValueError(f"--lp-steps {args.lp_steps} must be >= 0 and < --steps {args.steps} (phase III needs a step)")
+    rank, world, device = start(args, out, ckpt, device)
+    master = rank == 0  # rank 0 alone prints, logs, checkpoints and evaluates
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # --- data and privacy plan: sigma for ALL steps of phases II and III, so the whole run is one plan ---
+    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
+    if private.labels is None:
+        raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
+    n_classes = data.check_labels(private, flag=f"--data {args.data}")
+    if args.build_prior:  # phase I alone: random-process images, in the private set's channels (its only use here)
+        _, cache, built = prior_body(args, private.channels, device, autocast, master)
+        print(f"phase I: {'built' if built else 'found'} {cache} in {time.time() - t0:.0f}s (public: no privacy cost)")
+        return
+    # the test split is opened before training (its labels are read only after it): a missing one fails now
+    test = data.load_dataset(args.data, split="test", size=args.size, n=None, seed=args.seed)
+    audit = CanaryAudit(args.audit, seed=args.seed) if args.audit else None
+    earlier = earlier_runs(args, ckpt, scripts=())  # the prior is public: nothing earlier to compose with
+    plan, n_total = privacy_plan(args, private, audit, earlier, detail=f" (linear probe {lp_steps}, fine-tune "
+                                 f"{args.steps - lp_steps}) K={args.aug_mult}")
+    q, sigma, delta, N = plan["q"], plan["sigma"], plan["delta"], len(private)
+    is_private = args.eps < math.inf  # --eps inf: sigma 0, and the accountant reports eps inf
 
     # --- phase I: the prior from random processes (public), or a random init ---
     model = WRN(args.width, n_classes, private.channels).to(device)
     t_prior = time.time()
     if not args.no_prior:  # the body only: the head is new, zero, for this task's classes; phase II starts every
-        body, cache, built = prior_body(args, private.channels, device, autocast, rank)  # rank from rank 0's weights
+        body, cache, built = prior_body(args, private.channels, device, autocast, master)  # rank from rank 0's
         model.load_state_dict(body, strict=False)
         print(f"phase I: {'built' if built else 'loaded'} {cache}")
     gen = torch.Generator().manual_seed(20_000 + args.seed)
@@ -512,7 +645,7 @@ def main(argv=None):
         f = torch.cat([model.features(data.normalize(x).to(device)).float() for x in public.split(256)])
     model.feat_mean.copy_(f.mean(0))
     model.feat_std.copy_(f.std(0) + 1e-3)
-    if rank == 0 and not args.no_prior:
+    if master and not args.no_prior:
         data.save_grid(public[:32], out / "priors.png", scale=2)
     t_prior = time.time() - t_prior
 
@@ -522,83 +655,54 @@ def main(argv=None):
     opt = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum)
     ema = {k: v.clone() for k, v in params.items()}  # evaluated weights: a function of released ones, so free
     accountant = RDPAccountant()
-    if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
-        accountant.load_state_dict(earlier["prior"])
-    # secret randomness (rule 3): the Poisson sample and the noise draw from the OS, never from the public --seed;
-    # torchrun: every rank draws the same global sample, so every rank takes rank 0's sampling seed
-    sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
-    if world > 1:
-        shared = [sample_seed]
-        dist.broadcast_object_list(shared, src=0)
-        sample_seed = shared[0]
-    sample_gen = torch.Generator().manual_seed(sample_seed)  # Poisson sampling
-    aug_gen = torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank)  # crops and flips (public)
-    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)  # DP noise
+    gens = sample_gen, aug_gen, noise_gen = generators(args, device, rank, world)
     step = 0
-    if args.resume:
-        data.load_weights(model, ckpt["model"], where=f"--resume {ckpt_path}")
-        opt.load_state_dict(ckpt["optimizer"])
-        accountant.load_state_dict(ckpt["accountant"])
-        if audit:
-            audit.load_state_dict(ckpt["audit"])
-        step = ckpt["step"]
-        sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
-        # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
-        for g, s in zip((sample_gen, aug_gen, noise_gen), (sample_state, aug_states[rank % len(aug_states)], noise_state)):
-            g.set_state(s)
-        torch.set_rng_state(torch_state)
+    if ckpt:
+        step = restore(ckpt, model, opt, accountant, audit, gens, rank, delta)
         ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
-        print(f"resumed at step {step}, eps so far {accountant.epsilon(delta):.3f}")
     if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
         for v in [*params.values(), *buffers.values()]:
             dist.broadcast(v, src=0)
-
-    per_example_grads = make_per_example_grads(model, classify_loss)
-    probe_grads, load_features = per_example_grads, None
+    # --eps inf takes one gradient of the batch (nothing to clip) where DP-SGD takes per-example ones; same inputs
+    make_grads = make_per_example_grads if is_private else make_batch_grad
+    train_grads = make_grads(model, classify_loss)
+    flip = args.aug == "crop_flip"
+    load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device),
+                        private.labels[idx].to(device))
+    probe_grads, load_probe = train_grads, load
     if lp_steps > step and args.lp_features == "cached":  # phase II freezes the body, so each example's features
         with torch.no_grad():  # are computed once, unaugmented: a probe step is then a matmul, not a forward pass
             feats = torch.cat([model.features(data.normalize(private.images(i)).to(device)).float()
                                for i in torch.arange(N).split(512)])  # (N, D)
-        probe_grads = make_per_example_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
-        load_features = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
-    batch_grad = None if is_private else make_batch_grad(model, classify_loss)
-    flip = args.aug == "crop_flip"
-    load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device), private.labels[idx].to(device))
+        probe_grads = make_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
+        load_probe = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
+    noise_std = 0.0 if args.debug_no_noise else sigma * args.clip  # on the sum; one example moves it by <= C
+    checkpoint = lambda: save_checkpoint(
+        out / "checkpoint.pt", gens, rank, world, model=model.state_dict(), optimizer=opt.state_dict(),
+        args=vars(args), step=step, accountant=accountant.state_dict(), audit=audit and audit.state_dict(),
+        init=earlier, ema=ema)
 
-    def save_checkpoint():  # every rank calls it: each holds its own augmentation stream; rank 0 writes the file
-        aug_states = [aug_gen.get_state()] * world
-        if world > 1:
-            dist.all_gather_object(aug_states, aug_gen.get_state())
-        if rank:
-            return
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), args=vars(args), step=step,
-                    accountant=accountant.state_dict(), phase=phase, ema=ema,
-                    rng=[sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()],
-                    audit=audit.state_dict() if audit else None, init=earlier, script=Path(__file__).stem)
-        torch.save(ckpt, str(ckpt_path) + ".tmp")
-        os.replace(str(ckpt_path) + ".tmp", ckpt_path)  # atomic: a crash never leaves half a checkpoint
-
+    # one logical step: Poisson sample -> per-example gradients -> clip -> noise -> step -> account
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world))
-    bar = tqdm(batches, total=args.steps - step, initial=0, desc="DP-SGD (phases II+III)", dynamic_ncols=True, disable=rank > 0)
-    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as log:
-        for micro_batches in bar:
+    bar = tqdm(batches, total=args.steps - step, desc="DP-SGD (phases II+III)", dynamic_ncols=True, disable=not master)
+    with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
+        for physical_batches in bar:
             model.train()
-            phase = "linear_probe" if step < lp_steps else "fine_tune"
-            first, total, peak = (0, lp_steps, args.lp_lr) if phase == "linear_probe" else (lp_steps, args.steps - lp_steps, args.lr)
+            probing = step < lp_steps  # phase II: the head alone, on the frozen prior; phase III: everything
+            first, total, peak = (0, lp_steps, args.lp_lr) if probing else (lp_steps, args.steps - lp_steps, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step - first, total, peak, min(args.warmup, total))
-            trainable, frozen = trainable_split(params, buffers, phase)
-            canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
+            trainable, frozen = trainable_split(params, buffers, "linear_probe" if probing else "fine_tune")
+            grads_fn, inputs = (probe_grads, load_probe) if probing else (train_grads, load)
+            canaries = audit and torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32).to(device)
             with autocast:
-                cached = phase == "linear_probe" and load_features is not None
                 if is_private:
-                    noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen,
-                                          micro_batches, load_features if cached else load, clip=args.clip,
-                                          noise_std=0.0 if args.debug_no_noise else sigma * args.clip, expected_batch=args.batch_size,
-                                          noise_gen=noise_gen, canaries=canaries)
-                else:  # NOT private: the same sample, unclipped and unnoised
-                    noisy, loss = plain_step(batch_grad, trainable, frozen, micro_batches, load,
+                    noisy, loss = dp_step(grads_fn, trainable, frozen, physical_batches, inputs, clip=args.clip,
+                                          noise_std=noise_std, expected_batch=args.batch_size, noise_gen=noise_gen,
+                                          canaries=canaries)
+                else:  # NOT private: the same sample and inputs, unclipped and unnoised
+                    noisy, loss = plain_step(grads_fn, trainable, frozen, physical_batches, inputs,
                                              expected_batch=args.batch_size)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
@@ -610,63 +714,28 @@ def main(argv=None):
             decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up (De et al.): early weights fade fast
             for k, p in params.items():
                 ema[k].lerp_(p, 1 - decay)
-            # the logged loss reads private data: a monitoring aid only, never used for any decision or selection
+            # the loss reads private data: shown as a monitoring aid, never used for any decision or selection
             bar.set_postfix(loss=f"{loss:.3f}", eps=f"{accountant.epsilon(delta):.2f}")
             if step % args.log_every == 0 or step == args.steps:
-                eps_now = accountant.epsilon(delta)
-                # released or public values only: the loss and the realised batch size read the private data
-                # (the batch size counts the sampling coins), so they are logged only with --log-private
-                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in micro_batches)))  # a collective: every rank
-                update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
-                rec = dict(step=step, phase=phase, eps=eps_now, lr=opt.param_groups[0]["lr"], time=time.time() - t0,
-                           noisy_grad_norm=float(torch.stack(update).norm()))
-                if args.log_private:
-                    rec.update(loss=loss, batch=batch, private=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                tqdm.write(f"step {step}/{args.steps} ({phase}) loss {loss:.4f} eps {eps_now:.3f}")
-                save_checkpoint()
-    if world > 1:  # training is over: evaluation and outputs are rank 0's alone
-        dist.barrier()  # every rank leaves together: gloo aborts a process whose peer is torn down mid-collective
-        dist.destroy_process_group()
-        if rank:
-            return
-    eps_spent = accountant.epsilon(delta)
-    audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
+                batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in physical_batches)))  # every rank: a collective
+                log_line(log, args, step=step, phase="linear_probe" if probing else "fine_tune",
+                         eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0, params=params,
+                         loss=loss, batch=batch)
+                checkpoint()
+    end_processes(world)
+    if not master:
+        return
 
     # --- evaluation: the EMA weights, on the test split, once (the report; nothing is chosen with it) ---
     model.load_state_dict(ema, strict=False)  # parameters only; GroupNorm keeps no running statistics
     acc = accuracy(model, test, device)
     phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),
               dict(phase="fine_tune", steps=args.steps - lp_steps, q=q, sigma=sigma)]
-    summary = dict(method="DP-RandP (randp.py)", private=is_private and not args.debug_no_noise, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q,
-                   n=n_total, steps=step, phases=phases, batch_size=args.batch_size, clip=args.clip, aug_mult=args.aug_mult,
-                   prior=not args.no_prior, width=args.width, data=private.name, test_data=test.name,
-                   test_accuracy=acc, prior_time_s=t_prior, wall_time_s=time.time() - t0, device=str(device),
-                   args=vars(args))
-    # --- the release: model.pt (weights + privacy record) and summary.json. checkpoint.pt holds the secret
-    # generator states, and metrics.jsonl written with --log-private the clean loss: never publish those two ---
-    eps_alone = epsilon(q=q, sigma=sigma, steps=step, delta=delta)
-    pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=private.name,
-                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=step)]
-    privacy = dict(private=is_private and not args.debug_no_noise, eps=eps_spent, delta=delta, data=private.name, n=n_total,
-                   init=earlier["note"], accountant=accountant.state_dict(), pipeline=pipeline)
-    release = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
-    torch.save(release, str(out / "model.pt") + ".tmp")
-    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
-    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline)
-    summary.update(audit=audit_result, debug_no_noise=args.debug_no_noise)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={step})" +
-          ("" if is_private else ": NOT PRIVATE (--eps inf)"))
-    if earlier["prior"]:
-        print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
-    if audit_result:
-        print(f"privacy audit (Steinke et al. 2023, {audit.m} canaries): eps >= {audit_result['eps_lower_bound']:.3f} "
-              f"at {audit_result['confidence']:.0%} confidence vs claimed eps {eps_spent:.3f}: " +
-              ("VIOLATION, the run is less private than it claims" if audit_result["violation"] else "consistent with the claim") +
-              (" (SATURATED: every guess right, as in a run without noise; this many canaries cannot check a larger eps)"
-               if audit_result["saturated"] else ""))
+    summary = dict(method="DP-RandP (randp.py)", phases=phases, batch_size=args.batch_size, aug_mult=args.aug_mult,
+                   prior=not args.no_prior, width=args.width, test_data=test.name, test_accuracy=acc,
+                   prior_time_s=t_prior, wall_time_s=time.time() - t0, device=str(device))
+    release(out, model, summary, args=args, plan=plan, accountant=accountant, earlier=earlier, audit=audit,
+            n_total=n_total, steps=step, data_name=private.name)
     print(f"test accuracy (EMA weights, {test.name}, n={len(test)}): {acc:.4f}")
     print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt{'' if args.no_prior else ', priors.png'} "
           f"in {time.time() - t0:.0f}s")

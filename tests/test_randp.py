@@ -104,7 +104,7 @@ def test_smoke_run_composes_its_two_phases(smoke_run):
     assert [(l["step"], l["phase"]) for l in lines] == [(2, "linear_probe"), (4, "fine_tune")]
     assert lines[0]["eps"] < lines[1]["eps"] == pytest.approx(s["eps"])
     ck = torch.load(cwd / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["phase"] == "fine_tune" and set(ck["ema"]) == set(dict(R.WRN(0.25, 10).named_parameters()))
+    assert set(ck["ema"]) == set(dict(R.WRN(0.25, 10).named_parameters()))
     assert len(list((cwd / "runs" / "cache").glob("randp_prior_*.pt"))) == 1
     # the accuracy printed is the summary's: a count of correct shapes-test images over all n of them
     ((n, printed),) = re.findall(r"test accuracy \(EMA weights, shapes-test, n=(\d+)\): ([\d.]+)", r.stdout)
@@ -126,18 +126,33 @@ def test_prior_is_cached_and_no_prior_is_phase_three_only(smoke_run, tmp_path):
     assert not (cwd / "base" / "priors.png").exists()
 
 
-def test_resume_of_a_checkpoint_from_before_the_lr_default(smoke_run, tmp_path):
-    # a checkpoint whose args hold lr None resumes with the rule its run used: 1 on the prior, 2 without
+def test_the_non_private_reference_has_its_own_lr_and_momentum(smoke_run, tmp_path, monkeypatch):
+    """Unclipped, DP-SGD's lr 2.5 diverges: --eps inf defaults to lr 0.05 with momentum 0.9 (both chosen on the
+    public proxy); a DP run keeps lr 2.5 without momentum; an explicit flag wins over either default."""
     cwd, _ = smoke_run("randp.py")
-    shutil.copytree(cwd / "run", tmp_path / "run")
-    shutil.copytree(cwd / "runs", tmp_path / "runs")
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    ck["args"].update(steps=6, lr=None)
-    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
-    r = run_script("randp.py", "--out", "run", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["steps"] == 6 and s["args"]["lr"] == 1.0
+    s = json.loads((cwd / "run" / "summary.json").read_text())
+    assert (s["args"]["lr"], s["args"]["momentum"]) == (2.5, 0.0)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(cwd / "runs", tmp_path / "runs")  # the phase I cache
+    R.main(["--eps", "inf", "--steps", "2", "--lp-steps", "1", "--out", "inf", *FLAGS])
+    R.main(["--eps", "inf", "--steps", "2", "--lp-steps", "1", "--lr", "0.2", "--out", "inf_lr", *FLAGS])
+    args = [json.loads((tmp_path / d / "summary.json").read_text())["args"] for d in ("inf", "inf_lr")]
+    assert [(a["lr"], a["momentum"]) for a in args] == [(0.05, 0.9), (0.2, 0.9)]
+
+
+def test_eps_inf_probes_the_cached_features_when_asked(tmp_path, monkeypatch):
+    """--eps inf --lp-features cached: the reference's phase II reads each example's cached features (B, D), as the
+    DP run's does, not augmented images (B, K, C, H, W); phase III trains the whole model on images."""
+    monkeypatch.chdir(tmp_path)
+    seen, plain_step = [], R.plain_step
+
+    def spy(grads_fn, params, buffers, physical_batches, load, **kw):
+        seen.append((sorted(params) == ["head.bias", "head.weight"], load(physical_batches[0][0])[0].dim()))
+        return plain_step(grads_fn, params, buffers, physical_batches, load, **kw)
+
+    monkeypatch.setattr(R, "plain_step", spy)
+    R.main(["--eps", "inf", "--steps", "3", "--lp-steps", "2", "--lp-features", "cached", "--out", "run", *FLAGS])
+    assert seen == [(True, 2), (True, 2), (False, 5)]
 
 
 def test_lp_steps_not_below_steps_is_one_line(tmp_path, monkeypatch):
