@@ -19,7 +19,8 @@ WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differ
 few hundred steps learn: one channel per GroupNorm group, LayerNorm on the pooled features and He init (see norm(),
 WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the
 embedded shapes set (docs/RESULTS.md, docs/SWEEP_randp.md), never on the data reported; so were the non-private
-reference's own lr and momentum (--eps inf: unclipped, a DP learning rate diverges). data.py's
+reference's (--eps inf: lr 0.05, lp-lr 0.05, momentum 0.9): clipping bounds every DP step, and unclipped the DP
+learning rates diverge along the sharpest direction of the loss (docs/randp_sharpness.py). data.py's
 random-process generators stand in for the paper's StyleGAN-Oriented images. The model takes the private set's
 channels and its prior is learned on random-process images in those channels (grey sets such as MNIST: their
 BT.601 luma), so a grey set is not fine-tuned from a prior that only ever saw colour. Phase I is public compute,
@@ -68,8 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=200, help="logical DP-SGD steps of phases II + III together")
     g.add_argument("--lp-steps", type=int, default=20, help="phase II: DP linear-probe steps (none with --no-prior)")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
-    g.add_argument("--lp-features", choices=["augmented", "cached"], default="augmented",
-                   help="phase II input: augmented views each step, or each example's features computed once")
+    g.add_argument("--lp-features", choices=["augmented", "cached"], default="cached",
+                   help="phase II input: each example's features computed once, or augmented views each step")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k: 4 the paper's, 0.5 CPU, 0.25 tests")
     g = p.add_argument_group("optimisation (chosen on the public proxy: docs/SWEEP_randp.md)")
     g.add_argument("--lr", type=float, default=None, help="peak SGD lr of phase III (default 2.5; --eps inf: 0.05)")
-    g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD lr of phase II (linear probe)")
+    g.add_argument("--lp-lr", type=float, default=None, help="peak SGD lr of phase II (default 0.5; --eps inf: 0.05)")
     g.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0, De et al.; --eps inf: 0.9)")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the evaluated weights (ramped up)")
@@ -598,10 +599,10 @@ def main(argv=None):
     args, ckpt = resumed(parser, args, out)  # a resumed run is the same run: its flags come from the checkpoint
     # DP-SGD's and the non-private reference's optimiser defaults differ: clipping bounds every DP step, so lr 2.5
     # is safe there; unclipped, the same model needs plain SGD's small lr, and momentum to make up the distance
-    if args.lr is None:
-        args.lr = 0.05 if args.eps == math.inf else 2.5
-    if args.momentum is None:
-        args.momentum = 0.9 if args.eps == math.inf else 0.0
+    reference = args.eps == math.inf
+    args.lr = (0.05 if reference else 2.5) if args.lr is None else args.lr
+    args.lp_lr = (0.05 if reference else 0.5) if args.lp_lr is None else args.lp_lr
+    args.momentum = (0.9 if reference else 0.0) if args.momentum is None else args.momentum
     data.check_flags(args)  # every numeric flag and the device, before any data is read
     device = data.pick_device(args.device)
     lp_steps = 0 if args.no_prior else args.lp_steps  # without a prior there is nothing to probe: phase III only
