@@ -18,12 +18,14 @@ MNIST and CIFAR-10 commands below trade batch for steps (B = 256), sized to a CP
 WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differs from De et al.'s WRN so that a
 few hundred steps learn (issue #5): one channel per GroupNorm group, LayerNorm on the pooled features and He init
 (see norm(), WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public
-proxy, the embedded shapes set (README, "how the defaults were chosen"), never on the data reported. data.py's
-random-process generators stand in for the paper's StyleGAN-Oriented images. The model takes the private set's
-channels and its prior is learned on random-process images in those channels (grey sets such as MNIST: their
-BT.601 luma), so a grey set is not fine-tuned from a prior that only ever saw colour. Phase I is public compute,
-cached per flags in runs/cache/ (`--build-prior` builds it alone). The test split is read once, at the end, for
-the report: nothing is chosen with it.
+proxy, the embedded shapes set (README, "how the defaults were chosen"), never on the data reported; so were the
+non-private reference's (--eps inf: lr 0.05, lp-lr 0.05, momentum 0.9; docs/SWEEP_randp.md): clipping bounds every
+DP step, and unclipped the DP learning rates diverge. data.py's random-process generators stand in for the
+paper's StyleGAN-Oriented images. The model takes the private set's channels and its prior is learned on
+random-process images in those channels (grey sets such as MNIST: their BT.601 luma), so a grey set is not
+fine-tuned from a prior that only ever saw colour. Phase I is public compute, cached per flags in runs/cache/
+(`--build-prior` builds it alone). The test split is read once, at the end, for the report: nothing is chosen
+with it.
 
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500            # MNIST (README)
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior # DP-SGD alone
@@ -77,14 +79,21 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--width", type=float, default=0.5, help="k of WRN-16-k (widths 16k, 32k, 64k): 4 = the paper's, 0.5 = CPU default, 0.25 = tests")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2.5, help="peak SGD learning rate of phase III (fine-tuning), with "
-                   "or without the prior. Chosen with --momentum on a PUBLIC proxy only (embedded shapes, validated on "
-                   "shapes-test; README, 'how the defaults were chosen'): 2.5 beat 1.25 at momentum 0, and 0.25-1 at "
-                   "momentum 0.9. From a random init no lr learned the proxy, so --no-prior shares this one")
-    g.add_argument("--lp-lr", type=float, default=0.5, help="peak SGD learning rate of phase II (linear probe, on "
-                   "standardised features); 0.5 beat 2 on the public proxy")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum of phases II and III: none, as De et al.; "
-                   "on the public proxy momentum 0 at lr 2.5 beat momentum 0.9 at lr 0.25, 0.5 and 1")
+    g.add_argument("--lr", type=float, default=None, help="peak SGD learning rate of phase III (fine-tuning), with "
+                   "or without the prior; default 2.5, or 0.05 with --eps inf. Chosen with --momentum on a PUBLIC proxy "
+                   "only (embedded shapes, validated on shapes-test; README, 'how the defaults were chosen'): 2.5 beat "
+                   "1.25 at momentum 0, and 0.25-1 at momentum 0.9. From a random init no lr learned the proxy, so "
+                   "--no-prior shares this one. 0.05 is the non-private reference's lr, chosen on the proxy "
+                   "(docs/SWEEP_randp.md): unclipped, lr 0.25 and up diverge")
+    g.add_argument("--lp-lr", type=float, default=None, help="peak SGD learning rate of phase II (linear probe, on "
+                   "standardised features); default 0.5, or 0.05 with --eps inf. 0.5 beat 2 on the public proxy; 0.05 is "
+                   "the non-private reference's, chosen on the proxy: with its momentum, 0.5 leaves a head so large that "
+                   "phase III starts unstable")
+    g.add_argument("--momentum", type=float, default=None, help="SGD momentum of phases II and III; default 0, or 0.9 "
+                   "with --eps inf. DP: none, as De et al.; on the public proxy momentum 0 at lr 2.5 beat momentum 0.9 at "
+                   "lr 0.25, 0.5 and 1. --eps inf: the non-private reference's momentum, chosen on the proxy with its lr "
+                   "(docs/SWEEP_randp.md): plain SGD must keep its lr under the sharpest direction's limit, and momentum "
+                   "moves it 10x faster along the flat ones")
     g.add_argument("--warmup", type=int, default=5, help="linear warm-up steps of each phase, then cosine decay")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights evaluated (ramped up over the first steps)")
     g = p.add_argument_group("phase I: prior from random processes (public, no privacy cost)")
@@ -430,6 +439,12 @@ def main(argv=None):
                                      "device": args.device})
         if args.lr is None:  # a checkpoint from before issue #5's proxy defaults: its run used this lr rule
             args.lr = 2.0 if args.no_prior else 1.0
+    # DP-SGD's and the non-private reference's optimiser defaults differ: clipping bounds every DP step, so lr 2.5
+    # is safe there; unclipped, the same model needs plain SGD's small lr, and momentum to make up the distance
+    reference = args.eps == math.inf
+    args.lr = (0.05 if reference else 2.5) if args.lr is None else args.lr
+    args.lp_lr = (0.05 if reference else 0.5) if args.lp_lr is None else args.lp_lr
+    args.momentum = (0.9 if reference else 0.0) if args.momentum is None else args.momentum
     # --- TRY NOT TO MODIFY: every numeric flag and the device checked before any data is read ---
     data.check_flags(args)
     device = data.pick_device(args.device)
@@ -552,15 +567,16 @@ def main(argv=None):
         for v in [*params.values(), *buffers.values()]:
             dist.broadcast(v, src=0)
 
-    per_example_grads = make_per_example_grads(model, classify_loss)
-    probe_grads, load_features = per_example_grads, None
+    # --eps inf takes one gradient of the batch (nothing to clip) where DP-SGD takes per-example ones; same inputs
+    make_grads = make_per_example_grads if is_private else make_batch_grad
+    train_grads = make_grads(model, classify_loss)
+    probe_grads, load_features = train_grads, None
     if lp_steps > step and args.lp_features == "cached":  # phase II freezes the body, so each example's features
         with torch.no_grad():  # are computed once, unaugmented: a probe step is then a matmul, not a forward pass
             feats = torch.cat([model.features(data.normalize(private.images(i)).to(device)).float()
                                for i in torch.arange(N).split(512)])  # (N, D)
-        probe_grads = make_per_example_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
+        probe_grads = make_grads(model, lambda f, x, y: F.cross_entropy(f(x, True), y, reduction="none"))
         load_features = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
-    batch_grad = None if is_private else make_batch_grad(model, classify_loss)
     flip = args.aug == "crop_flip"
     load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device), private.labels[idx].to(device))
 
@@ -591,13 +607,13 @@ def main(argv=None):
             canaries = torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32, device=device) if audit else None
             with autocast:
                 cached = phase == "linear_probe" and load_features is not None
+                grads_fn, inputs = (probe_grads, load_features) if cached else (train_grads, load)
                 if is_private:
-                    noisy, loss = dp_step(probe_grads if cached else per_example_grads, trainable, frozen,
-                                          micro_batches, load_features if cached else load, clip=args.clip,
+                    noisy, loss = dp_step(grads_fn, trainable, frozen, micro_batches, inputs, clip=args.clip,
                                           sigma=0.0 if args.debug_no_noise else sigma, expected_batch=args.batch_size,
                                           noise_gen=noise_gen, canaries=canaries)
-                else:  # NOT private: the same sample, unclipped and unnoised
-                    noisy, loss = plain_step(batch_grad, trainable, frozen, micro_batches, load,
+                else:  # NOT private: the same sample and inputs, unclipped and unnoised
+                    noisy, loss = plain_step(grads_fn, trainable, frozen, micro_batches, inputs,
                                              expected_batch=args.batch_size)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())

@@ -250,3 +250,31 @@ def test_eps_inf_is_a_non_private_reference(tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0
     assert "NOT PRIVATE" in r.stdout
+
+
+def test_eps_inf_probes_the_cached_features_when_asked(tmp_path, monkeypatch):
+    """--eps inf --lp-features cached: the reference's phase II reads each example's cached features (B, D), as the
+    DP run's does, not augmented images (B, K, C, H, W); phase III trains the whole model on images."""
+    monkeypatch.chdir(tmp_path)
+    seen, plain_step = [], R.plain_step
+
+    def spy(grads_fn, params, buffers, micro_batches, load, **kw):
+        seen.append((sorted(params) == ["head.bias", "head.weight"], load(micro_batches[0][0])[0].dim()))
+        return plain_step(grads_fn, params, buffers, micro_batches, load, **kw)
+
+    monkeypatch.setattr(R, "plain_step", spy)
+    R.main(["--eps", "inf", "--steps", "3", "--lp-steps", "2", "--lp-features", "cached", "--out", "run", *TINY])
+    assert seen == [(True, 2), (True, 2), (False, 5)]
+
+
+def test_eps_inf_learns(tmp_path):
+    """The non-private reference learns: a small --eps inf run at its own defaults (lr 0.05, lp-lr 0.05, momentum
+    0.9) reaches 34-37% on shapes (chance 10%). At the DP learning rates (lr 2.5, momentum 0), unclipped SGD
+    diverges and this run stays at 10-12%. ~30 s."""
+    r = run_script("randp.py", "--eps", "inf", "--width", "0.25", "--n", "4000", "--batch-size", "128",
+                   "--physical-batch", "128", "--steps", "150", "--lp-steps", "10", "--prior-steps", "50",
+                   "--prior-batch", "32", "--log-every", "50", "--out", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["args"]["lr"], s["args"]["lp_lr"], s["args"]["momentum"]) == (0.05, 0.05, 0.9)
+    assert s["test_accuracy"] > 0.25
