@@ -69,8 +69,10 @@ def parse_args(argv=None):
     g.add_argument("--lp-steps", type=int, default=20, help="phase II: steps of DP linear probing (head only); ignored with "
                    "--no-prior. 20 beat 0, 40 and 80 on the public proxy (README, 'how the defaults were chosen')")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
-    g.add_argument("--lp-features", choices=["augmented", "cached"], default="augmented", help="phase II input: "
-                   "augmented views through the frozen body each step, or each example's features computed once")
+    g.add_argument("--lp-features", choices=["augmented", "cached"], default="cached", help="phase II input: "
+                   "each example's features computed once (unaugmented), or augmented views through the frozen body "
+                   "each step. cached beat augmented in two runs each on the public proxy (docs/SWEEP_randp.md), "
+                   "and a probe step is then a matmul, not a forward pass")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None, help="use n private examples, a seeded random subset (default: all; shapes: generate 20000); under torchrun write --n-examples (torchrun reads --n as its own, ambiguous)")
