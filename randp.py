@@ -90,7 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--no-prior", action="store_true", help="random init and phase III only: plain DP-SGD, the baseline")
     g.add_argument("--prior-steps", type=int, default=200, help="alignment + uniformity steps on random-process images")
     g.add_argument("--prior-batch", type=int, default=128, help="random-process images per step (two views each)")
-    g.add_argument("--prior-lr", type=float, default=0.1, help="peak SGD learning rate of phase I")
+    g.add_argument("--prior-lr", type=float, default=0.03, help="peak SGD learning rate of phase I (0.1 collapses)")
     g.add_argument("--build-prior", action="store_true", help="build (or find) the cached prior, then stop")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the public randomness (init, augmentation, data)")
@@ -390,6 +390,10 @@ def train_prior(model, args, device, autocast, channels):
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    # A collapsed prior maps every image to one point: uniformity log E exp(-t d^2) -> 0, so the loss ends near 0
+    # (a spread one ends near -2). Public images only, so checking it costs no privacy.
+    if loss.item() > -0.5:
+        print(f"WARNING: phase I ended at loss {loss.item():.3f}: the prior collapsed (try a smaller --prior-lr)")
     return model
 
 
