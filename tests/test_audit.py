@@ -12,7 +12,7 @@ import pytest
 
 import accountant
 from accountant import CanaryAudit, audit_epsilon_lower_bound, audit_p_value
-from conftest import run_script
+from conftest import TINY, run_script
 
 
 # --- the statistic -----------------------------------------------------------------------------------------------
@@ -109,18 +109,12 @@ def test_separated_scores_are_flagged_and_noise_is_not():
 
 # --- the scripts: a broken run is flagged, a normal one is not ---------------------------------------------------
 
-def tiny(script):
-    import test_cap_dp, test_clip_dp, test_mae_dp, test_randp
-    return {"mae_dp.py": test_mae_dp.TINY, "cap_dp.py": test_cap_dp.TINY, "clip_dp.py": test_clip_dp.TINY,
-            "randp.py": test_randp.TINY}[script]
-
-
 @pytest.mark.parametrize("script, broken", [("mae_dp.py", False), ("mae_dp.py", True), ("randp.py", False),
                                             ("randp.py", True), ("cap_dp.py", True), ("clip_dp.py", True)])
 def test_audit_flags_a_run_without_noise(tmp_path, script, broken):
     flags = ["--eps", "1", "--delta", "1e-5", "--steps", "10", "--audit", "1000", "--out", "run"]
     flags += ["--lp-steps", "5"] if script == "randp.py" else []
-    r = run_script(script, *tiny(script), *flags, *(["--debug-no-noise"] if broken else []), cwd=tmp_path)
+    r = run_script(script, *TINY[script], *flags, *(["--debug-no-noise"] if broken else []), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     a = s["audit"]
