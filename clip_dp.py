@@ -585,6 +585,16 @@ def start(args, out, ckpt, device):
     return rank, world, device
 
 
+def private_set(args, shapes_n=20000):
+    """The private training set (--data, --n): a seeded subset of n examples, or all; the embedded set draws
+    shapes_n. A subset never silently becomes the whole set."""
+    n_default = shapes_n if args.data in ("shapes", "shapes-grey") else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
+    return private
+
+
 def earlier_runs(args, ckpt, scripts):
     """--init from an earlier run: a DP run on the same data composes with this one; public weights cost nothing."""
     if ckpt:
@@ -755,10 +765,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan ---
-    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
-    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
-    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
-        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
+    private = private_set(args)
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
     if args.data == "shapes":

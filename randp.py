@@ -459,6 +459,16 @@ def start(args, out, ckpt, device):
     return rank, world, device
 
 
+def private_set(args, shapes_n=20000):
+    """The private training set (--data, --n): a seeded subset of n examples, or all; the embedded set draws
+    shapes_n. A subset never silently becomes the whole set."""
+    n_default = shapes_n if args.data in ("shapes", "shapes-grey") else None
+    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
+    if args.n and len(private) < args.n:
+        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
+    return private
+
+
 def earlier_runs(args, ckpt, scripts):
     """--init from an earlier run: a DP run on the same data composes with this one; public weights cost nothing."""
     if ckpt:
@@ -600,7 +610,8 @@ def main(argv=None):
     parser, args = parse_args(argv)
     t0 = time.time()
     out = Path(args.out or f"runs/{args.name or f'randp_eps{args.eps:g}_s{args.seed}'}")
-    args, ckpt = resumed(parser, args, out)  # a resumed run is the same run: its flags come from the checkpoint
+    # a resumed run is the same run: its flags come from the checkpoint (an older one's probed augmented images)
+    args, ckpt = resumed(parser, args, out, older=dict(lp_features="augmented"))
     # DP-SGD's and the non-private reference's optimiser defaults differ: clipping bounds every DP step, so lr 2.5
     # is safe there; unclipped, the same model needs plain SGD's small lr, and momentum to make up the distance
     reference = args.eps == math.inf
@@ -617,10 +628,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan: sigma for ALL steps of phases II and III, so the whole run is one plan ---
-    n_default = 20000 if args.data in ("shapes", "shapes-grey") else None
-    private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
-    if args.n and len(private) < args.n:  # a subset never silently becomes the whole set
-        raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
+    private = private_set(args)
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
     n_classes = data.check_labels(private, flag=f"--data {args.data}")

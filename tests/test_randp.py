@@ -155,6 +155,22 @@ def test_eps_inf_probes_the_cached_features_when_asked(tmp_path, monkeypatch):
     assert seen == [(True, 2), (True, 2), (False, 5)]
 
 
+def test_resume_of_a_checkpoint_older_than_the_cached_probe(smoke_run, tmp_path):
+    """A checkpoint written before --lp-features existed resumes as its run was, on augmented views, not on the
+    newer default (cached features)."""
+    cwd, _ = smoke_run("randp.py")
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    shutil.copytree(cwd / "runs", tmp_path / "runs")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del ck["args"]["lp_features"]
+    ck["args"]["steps"] = 6
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    r = run_script("randp.py", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["steps"] == 6 and s["args"]["lp_features"] == "augmented"
+
+
 def test_lp_steps_not_below_steps_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="--lp-steps") as e:  # the script's handler prints it as one error: line
