@@ -16,16 +16,16 @@ What is simplified: by default a narrow WRN-16-0.5 (widths 8, 16, 32; 45k parame
 prior and 200 private steps of B = 512 (20 of them linear probe), so one run takes minutes on a 2-core CPU; the
 MNIST and CIFAR-10 commands below trade batch for steps (B = 256), sized to a CPU time budget; the paper's
 WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differs from De et al.'s WRN so that a
-few hundred steps learn: one channel per GroupNorm group, LayerNorm on the pooled features and He init (see norm(),
-WRN). The learning rates, momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the
-embedded shapes set (docs/RESULTS.md, docs/SWEEP_randp.md), never on the data reported; so were the non-private
-reference's (--eps inf: lr 0.05, lp-lr 0.05, momentum 0.9): clipping bounds every DP step, and unclipped the DP
-learning rates diverge along the sharpest direction of the loss (docs/randp_sharpness.py). data.py's
-random-process generators stand in for the paper's StyleGAN-Oriented images. The model takes the private set's
-channels and its prior is learned on random-process images in those channels (grey sets such as MNIST: their
-BT.601 luma), so a grey set is not fine-tuned from a prior that only ever saw colour. Phase I is public compute,
-cached per flags in runs/cache/ (`--build-prior` builds it alone). The test split is read once, at the end, for
-the report: nothing is chosen with it.
+few hundred steps learn: one channel per GroupNorm group and He init (see norm(), WRN). The learning rates,
+momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the embedded shapes set
+(docs/RESULTS.md, docs/SWEEP_randp.md), never on the data reported; so were the non-private reference's (--eps inf:
+lr 0.05, lp-lr 0.05, momentum 0.9): clipping bounds every DP step, and unclipped the DP learning rates diverge
+along the sharpest direction of the loss (docs/randp_sharpness.py). data.py's random-process generators stand in
+for the paper's StyleGAN-Oriented images. The model takes the private set's channels and its prior is learned on
+random-process images in those channels (grey sets such as MNIST: their BT.601 luma), so a grey set is not
+fine-tuned from a prior that only ever saw colour. Phase I is public compute, cached per flags in runs/cache/
+(`--build-prior` builds it alone). The test split is read once, at the end, for the report: nothing is chosen with
+it.
 
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500       # MNIST
   python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior  # baseline
@@ -162,12 +162,6 @@ class WRN(nn.Module):
 
     def features(self, x):  # (B, C, H, W) in [-1, 1] -> (B, D)
         f = F.relu(self.norm(self.blocks(self.stem(x)))).mean((2, 3))
-        # Scale-invariant features: a LayerNorm (no parameters) over one example's D features. Average pooling a
-        # mostly-background image gives features that differ between examples by a few percent of their size, so
-        # the zero head needs huge weights before it separates classes, and the body, whose gradient flows through
-        # the head, learns nothing meanwhile (without it: a flat 23-30% on MNIST). Per example, so DP-safe, and
-        # fitted on nothing.
-        f = F.layer_norm(f, f.shape[-1:])
         return (f - self.feat_mean) / self.feat_std
 
     def forward(self, x, features_given=False):  # -> logits (B, classes); x: images, or features (B, D)
@@ -356,7 +350,7 @@ def prior_body(args, channels, device, autocast, master=True):
     of its flags only (its own seeds), so it is built once, cached in runs/cache/ under a name made of those flags,
     and read back by every later run: the cost is public compute, paid once, and no privacy.
     Returns (body state_dict, cache path, built: True when this call trained it)."""
-    cache = Path("runs/cache") / (f"randp_prior_v2_wrn16-{args.width:g}_c{channels}_s{args.size}_{args.prior_steps}x"
+    cache = Path("runs/cache") / (f"randp_prior_v3_wrn16-{args.width:g}_c{channels}_s{args.size}_{args.prior_steps}x"
                                   f"{args.prior_batch}_lr{args.prior_lr}_seed{args.seed}.pt")
     if cache.exists():
         return torch.load(cache, map_location=device, weights_only=True), cache, False
