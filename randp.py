@@ -368,7 +368,10 @@ def prior_body(args, channels, device, autocast, master=True):
 
 def train_prior(model, args, device, autocast, channels):
     gen = torch.Generator().manual_seed(10_000 + args.seed)
-    proj = nn.Linear(model.dim, 128).to(device)  # projection head of phase I only (discarded, as in SimCLR)
+    # Projection head of phase I only (discarded, as in SimCLR). Its LayerNorm (no parameters) makes the loss blind
+    # to the pooled features' common scale and offset: without it phase I at --prior-lr 0.03 collapsed (every image
+    # to one point) in both builds tried, grey and colour. It lives in the head, so phases II and III never see it.
+    proj = nn.Sequential(nn.LayerNorm(model.dim, elementwise_affine=False), nn.Linear(model.dim, 128)).to(device)
     opt = torch.optim.SGD([*model.parameters(), *proj.parameters()], lr=args.prior_lr, momentum=0.9, weight_decay=5e-4)
     master = os.environ.get("RANK", "0") == "0"
     bar = tqdm(range(args.prior_steps), desc="phase I: prior (public)", dynamic_ncols=True, disable=not master)
