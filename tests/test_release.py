@@ -163,7 +163,8 @@ def test_init_prior_reads_what_a_file_costs():
     acc = accountant.RDPAccountant()
     acc.step(q=0.1, sigma=1.0, steps=10)
     record = dict(private=True, accountant=acc.state_dict(), pipeline=[{"file": "a/model.pt"}])
-    assert accountant.init_prior({"encoder.w": torch.zeros(1)}, path="p")["prior"] is None  # public weights
+    public = accountant.init_prior({"encoder.w": torch.zeros(1)}, path="p")  # public weights: cost nothing, say so
+    assert public["prior"] is None and "cost no privacy" in public["note"]
     got = accountant.init_prior({"model": {}, "privacy": record}, path="p")
     assert got["prior"]["history"] == acc.state_dict()["history"] and got["pipeline"] == [{"file": "a/model.pt"}]
     old = accountant.init_prior({"model": {}, "accountant": acc.state_dict()}, path="p")  # an older checkpoint
