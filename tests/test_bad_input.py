@@ -191,6 +191,9 @@ CASES = [
     ("init-payload", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "payload.pt"], ["--init", "refused"]),
     ("init-tensor", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "tensor.pt"], ["--init", "Tensor"]),
     ("init-truncated", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "truncated.pt"], ["--init", "truncated"]),
+    ("init-empty", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "empty.pt"], ["--init", "0 bytes"]),
+    ("init-folder", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "folder.pt"], ["--init", "a folder"]),
+    ("init-no-keys", ENCODERS, lambda S, s: [*SHAPES, "--init", S / "no_keys.pt"], ["--init", "no_keys.pt"]),
     # 2. --out
     ("out-file", ALL, lambda S, s: [*SHAPES, "--out", S / "caps.tsv"], "--out"),
     ("out-under-file", ALL, lambda S, s: [*SHAPES, "--out", S / "caps.tsv" / "run"], "is a file"),

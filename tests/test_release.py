@@ -90,20 +90,23 @@ def test_the_log_holds_only_released_values_unless_asked(two_default_runs, tmp_p
 
 # --- 4: float32 clipping under autocast: one example moves the released sum by at most C ---
 
-def big_grads(P, D=20000, seed=0):
+def big_grads(P, D=20000, seed=0, dtype=torch.float32):
     """Stand-in per-example gradients: norms far above C, so every example is clipped."""
     g = torch.Generator().manual_seed(seed)
-    G = 30 * torch.randn(P, D, generator=g)
+    G = (30 * torch.randn(P, D, generator=g)).to(dtype)
 
     def per_example_grads(params, buffers, idx):
         return {"w": G[idx]}, torch.ones(len(idx))
     return per_example_grads
 
 
+# bf16 gradients are clipped and summed in float32 too (dp_step's cast; in bf16 one example moves the sum by ~2e-3 C).
+# The float32 norm of such bf16-valued rows comes out ~2.4e-6 low, hence their looser 1e-5.
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-5)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M", SCRIPTS, ids=lambda m: m.__name__)
-def test_one_example_moves_the_sum_by_at_most_C_under_bf16_autocast(M):
+def test_one_example_moves_the_sum_by_at_most_C_under_bf16_autocast(M, dtype, tol):
     C, P = 1.0, 16
-    peg = big_grads(P)
+    peg = big_grads(P, dtype=dtype)
     params = {"w": torch.zeros(20000)}
     idx = torch.arange(P)
     worst = 0.0
@@ -116,7 +119,7 @@ def test_one_example_moves_the_sum_by_at_most_C_under_bf16_autocast(M):
             assert g["w"].dtype == torch.float32
             sums.append(g["w"].double())
         worst = max(worst, (sums[0] - sums[1]).norm().item())
-    assert worst <= C * (1 + 1e-6), worst
+    assert worst <= C * (1 + tol), worst
 
 
 # --- 5: Poisson coins in float64 ---
@@ -160,7 +163,8 @@ def test_init_prior_reads_what_a_file_costs():
     acc = accountant.RDPAccountant()
     acc.step(q=0.1, sigma=1.0, steps=10)
     record = dict(private=True, accountant=acc.state_dict(), pipeline=[{"file": "a/model.pt"}])
-    assert accountant.init_prior({"encoder.w": torch.zeros(1)}, path="p")["prior"] is None  # public weights
+    public = accountant.init_prior({"encoder.w": torch.zeros(1)}, path="p")  # public weights: cost nothing, say so
+    assert public["prior"] is None and "cost no privacy" in public["note"]
     got = accountant.init_prior({"model": {}, "privacy": record}, path="p")
     assert got["prior"]["history"] == acc.state_dict()["history"] and got["pipeline"] == [{"file": "a/model.pt"}]
     old = accountant.init_prior({"model": {}, "accountant": acc.state_dict()}, path="p")  # an older checkpoint
