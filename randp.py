@@ -27,8 +27,8 @@ fine-tuned from a prior that only ever saw colour. Phase I is public compute, ca
 (`--build-prior` builds it alone). The test split is read once, at the end, for the report: nothing is chosen with
 it.
 
-  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500       # MNIST
-  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 500 --no-prior  # baseline
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 3000     # MNIST, ~17 min
+  python randp.py --eps 3 --data ../shared/data/mnist --aug crop --batch-size 256 --steps 3000 --no-prior  # baseline
   python randp.py --eps 8 --data /tmp/cifar10 --batch-size 256 --steps 350       # CIFAR-10 (folder or pickles)
   python randp.py --eps 1 --data /tmp/cifar10 --width 4 --batch-size 4096 --steps 875 --lp-steps 50 --aug-mult 16 \\
       --physical-batch 64 --lr 4 --momentum 0 --prior-steps 20000 --prior-batch 512     # the paper's scale: a GPU
