@@ -591,7 +591,8 @@ def init_prior(checkpoint, *, path, disjoint=False):
     - a file with no privacy record (a ViP-Syn cache, a random-process prior: public data) costs nothing;
     - a DP run of this project (its "privacy" record, or the "accountant" of an older checkpoint) composes,
       unless the user declares its data disjoint from this run's (disjoint=True, `--init-data-disjoint`);
-    - a non-private run (`--eps inf`) protects nothing: refused unless its data is declared disjoint.
+    - a non-private run (`--eps inf`, `--debug-no-noise`, `--insecure-seed`: its record says "private": false and
+      why) protects nothing: refused unless its data is declared disjoint.
     """
     record = checkpoint.get("privacy") if isinstance(checkpoint, dict) else None
     if record is None and isinstance(checkpoint, dict) and "accountant" in checkpoint:  # an older checkpoint
@@ -600,11 +601,12 @@ def init_prior(checkpoint, *, path, disjoint=False):
         return dict(prior=None, note=f"--init {path}: public weights (no privacy record): cost no privacy",
                     pipeline=[])
     if not record.get("private", True):
+        why = record.get("not_private_reason") or "--eps inf"
         if not disjoint:
-            raise ValueError(f"--init {path} comes from a NOT private run (--eps inf), which protects nothing; "
+            raise ValueError(f"--init {path} comes from a NOT private run ({why}), which protects nothing; "
                              f"pass --init-data-disjoint only if it trained on data disjoint from this run's")
-        return dict(prior=None, note=f"--init {path}: a NOT private run on data declared disjoint from this "
-                    "run's (--init-data-disjoint)", pipeline=[])
+        return dict(prior=None, note=f"--init {path}: a NOT private run ({why}) on data declared disjoint from "
+                    "this run's (--init-data-disjoint)", pipeline=[])
     earlier = RDPAccountant()
     earlier.load_state_dict(record["accountant"])  # checks it
     if disjoint:
@@ -735,20 +737,38 @@ def audit_epsilon_lower_bound(*, m, guesses, correct, delta, confidence=0.95):
 class CanaryAudit:
     """White-box one-run audit of a DP-SGD run with gradient canaries (the white-box setting of Steinke et al. 2023).
 
-    Canary i is an example whose gradient is a fixed vector of norm `strength` x C (larger than C, so it is
-    clipped like any real gradient) along its own coordinate, one that no real example's gradient touches.
-    Each canary joins the data with a fair coin; included canaries are Poisson-sampled at every step with the
-    run's q, clipped, summed and noised by the script's own dp_step, together with the real examples. The
-    auditor sees the privatised gradients (what DP-SGD releases), scores canary i by the sum over steps of
-    coordinate i, guesses "in" for the highest scores and abstains on the rest (a rule fixed before the
-    run that never looks at the coins; see result), and audit_epsilon_lower_bound turns the count of right
-    guesses into a lower bound on eps. Everything random is a function of (seed, step), so a resumed run draws
-    the same canaries; the scores travel in the checkpoint (state_dict)."""
+    Canary i is a unit of the data (an example, or in clip_dp.py a micro-batch) whose gradient is a fixed vector of
+    norm `strength` x C (larger than C, so it is clipped like any real gradient) along its own coordinate, one that
+    no real example's gradient touches. Each canary joins the data with a fair coin. The joined canaries are data
+    set indices N, N + 1, ... of the run's own Poisson sampler (data.poisson_batches): their coins come from the
+    same call and generator as the real examples', at the same q. The script's own dp_step clips their rows with the
+    same clip_and_sum as the examples' rows, then sums and noises them with the real examples.
 
-    def __init__(self, m, *, seed, strength=10.0, guess_fractions=(0.02, 0.1, 0.4)):
+    flip=False (per-example clipping): a sampled canary adds a row strength x C e_i, which moves the clipped sum by
+    C, the sensitivity of the noise sigma C. flip=True (clip_dp.py, noise sigma 2C): each canary is a micro-batch of
+    its own, present at every step, whose gradient is -strength x C e_i, and +strength x C e_i when the canary is
+    sampled into it: joining flips its clipped vector from -C e_i to +C e_i, a move of 2C, the sensitivity clip_dp.py's
+    noise is calibrated to. (Its micro-batch is its own rather than one of the K drawn at random: the clip_dp.py
+    argument conditions on the micro-batch a pair joins, so any rule that ignores the other pairs is covered.)
+
+    The auditor sees the privatised gradients (what DP-SGD releases), scores canary i by the sum over steps of
+    coordinate i, guesses "in" for the highest scores and abstains on the rest (a rule fixed before the run that
+    never looks at the coins; see result), and audit_epsilon_lower_bound turns the count of right guesses into a
+    lower bound on eps. The coins are a function of the seed (so a resumed run has the same canaries); their
+    sampling is in the sampler's state, the scores in the checkpoint (state_dict).
+
+    What it checks, and what it cannot: the noise actually added against the claimed sigma and the sensitivity
+    (C, or 2C in clip_dp.py), the real sampler's rate and independence (canaries drawn every step or at a higher
+    rate than q show), and clip_and_sum's factor (a missing clip leaves canaries at 10 C). It never runs the model:
+    per-example gradients that mix examples (a batch statistic, an augmentation shared across examples) are
+    invisible to it; so is clipping the sum instead of each row (that shrinks every canary's share, so the audit
+    reads less, not more), and a leak outside the released gradients (the log, the time).
+    """
+
+    def __init__(self, m, *, seed, strength=10.0, flip=False, guess_fractions=(0.02, 0.1, 0.4)):
         if int(m) != m or m < 1:
             raise ValueError(f"--audit needs a number of canaries >= 1, got {m}")
-        self.m, self.seed, self.strength = int(m), int(seed), float(strength)
+        self.m, self.seed, self.strength, self.flip = int(m), int(seed), float(strength), bool(flip)
         self.guess_fractions = tuple(guess_fractions)
         self.included = np.random.default_rng([self.seed, 0]).random(self.m) < 0.5  # S_i
         self.scores = np.zeros(self.m)
@@ -757,11 +777,22 @@ class CanaryAudit:
     def n_included(self):
         return int(self.included.sum())
 
-    def gradients(self, step, q, clip):
-        """(m,) canary gradients of this step before clipping: strength x C where canary i is in the data AND
-        Poisson-sampled at this step (probability q, independently), 0 elsewhere."""
-        sampled = self.included & (np.random.default_rng([self.seed, 1, int(step)]).random(self.m) < q)
-        return sampled * (self.strength * clip)
+    def rows(self, sampled, clip):
+        """The canary units' gradients of one step, before clipping: float32 (units, m), each row along one canary's
+        own coordinate. sampled: the joined canaries this step's Poisson sample drew, numbered 0 .. n_included - 1
+        in the order they joined (data.poisson_batches). flip=False: one row per sampled canary, strength x C
+        (one zero row if none is).
+        flip=True: one row per canary, all m of them at every step: -strength x C, +strength x C if sampled."""
+        ids = np.flatnonzero(self.included)[np.asarray(sampled, dtype=np.int64).reshape(-1)]  # canary numbers i
+        if self.flip:
+            out = np.zeros((self.m, self.m), dtype=np.float32)
+            sign = np.full(self.m, -1.0)
+            sign[ids] = 1.0
+            out[np.arange(self.m), np.arange(self.m)] = sign * self.strength * clip
+            return out
+        out = np.zeros((max(1, len(ids)), self.m), dtype=np.float32)  # no canary sampled: one zero row, which
+        out[np.arange(len(ids)), ids] = self.strength * clip  # adds nothing (clipping cannot make a row of 0 long)
+        return out
 
     def observe(self, released):
         """released: (m,) the privatised gradient's canary coordinates at one step."""

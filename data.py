@@ -18,7 +18,7 @@ Every script imports this file and nothing else for data. It holds, in this orde
 
     from data import load_dataset, poisson_batches, normalize
     ds = load_dataset("shapes", split="train")               # 10,000 32x32 scenes, ~2 s, cached in memory
-    for step in poisson_batches(len(ds), 256 / len(ds), 100, 64, generator=torch.Generator().manual_seed(0)):
+    for step, _ in poisson_batches(len(ds), 256 / len(ds), 100, 64, generator=torch.Generator().manual_seed(0)):
         for idx, mask in step:                               # idx [64], mask [64]: fixed shapes for vmap
             x = normalize(ds.images(idx))                    # [64, 3, 32, 32] in [-1, 1]
 
@@ -80,13 +80,43 @@ def secret_seeds(pinned=None):
 
     The accountant's bound assumes that nobody knows which examples a step sampled (else amplification by
     subsampling is lost) nor the noise it added (else it can be subtracted). `--seed` is public (it is in
-    summary.json and in every command), so these two seeds come from the operating system's entropy, never from
-    it. pinned: an int for tests that must replay a run (`--insecure-seed`): the seeds then follow it, and the
-    eps such a run prints holds only while that number stays secret.
+    summary.json and in every command), so these two seeds are 256-bit numbers from the operating system's
+    entropy, never from it; secret_generator turns each into a generator. pinned: an int for tests that must
+    replay a run (`--insecure-seed`): the seeds then follow it, and such a run is labelled NOT private.
     """
     if pinned is not None:
         return int(pinned), int(pinned) + 2
-    return secrets.randbits(63), secrets.randbits(63)
+    return secrets.randbits(256), secrets.randbits(256)
+
+
+_MT_WORDS = 624  # mt19937's state: 624 words of 32 bits
+
+
+def secret_generator(seed, device="cpu"):
+    """A torch.Generator on `device` holding as much of `seed` (an int in [0, 2^256)) as its kind can.
+
+    CPU (mt19937): manual_seed keeps only the low 32 bits of a seed (seeds equal there draw the same numbers), and
+    2^32 streams are a search away. So the generator's 624 state words are filled from SHAKE-256 of the seed
+    instead, through set_state; get_state/set_state then save and restore it exactly, as for any generator. The
+    state is torch's CPUGeneratorImplState: the initial seed (8 bytes, unused by the draws), `left` and `seeded`
+    (4 bytes each), `next` (8), the 624 words (8 bytes each, their low 32 bits used), then the cached normal
+    samples, left as a fresh generator has them (none). left = 1 makes the first draw regenerate the state from
+    the words. CUDA (Philox) and MPS: a 64-bit seed through manual_seed, all that their generators take.
+    """
+    seed_bytes = int(seed).to_bytes(32, "little")
+    device = torch.device(device)
+    g = torch.Generator(device=device)
+    if device.type != "cpu":
+        return g.manual_seed(int.from_bytes(hashlib.shake_256(seed_bytes).digest(8), "little"))
+    state = g.get_state().numpy().copy()  # uint8
+    words = np.frombuffer(hashlib.shake_256(seed_bytes).digest(4 * _MT_WORDS), dtype="<u4").astype("<u8")
+    head = np.array([0, 1 | 1 << 32, 0], dtype="<u8")  # initial seed 0; left = 1, seeded = 1; next = 0
+    if len(state) != 24 + 8 * _MT_WORDS + 40:
+        raise RuntimeError(f"torch's CPU generator state has {len(state)} bytes, not the layout secret_generator "
+                           "writes; check data.secret_generator against this torch version")
+    state[:24 + 8 * _MT_WORDS] = np.concatenate([head, words]).view(np.uint8)
+    g.set_state(torch.from_numpy(state))
+    return g
 
 
 def physical_batches(indices, physical_batch):
@@ -108,20 +138,27 @@ def physical_batches(indices, physical_batch):
     return list(zip(idx.view(k, P).unbind(0), mask.view(k, P).unbind(0)))
 
 
-def poisson_batches(n, q, steps, physical_batch, *, generator=None, indices=None, shard=(0, 1)):
-    """Iterator over `steps` logical steps; each item is physical_batches(poisson_sample(n, q)) of one step.
+def poisson_batches(n, q, steps, physical_batch, *, generator=None, shard=(0, 1), canaries=0):
+    """Iterator over `steps` logical steps; each item is (physical_batches(the examples sampled), the canaries
+    sampled).
 
+    canaries: how many audit canaries joined the data (accountant.CanaryAudit). They are data set indices n ..
+    n + canaries - 1 of the same Poisson draw: each gets its coin from the same call as the examples, and comes
+    back apart as a LongTensor of canary numbers 0 .. canaries - 1 (empty without an audit), having no image to
+    load.
     shard=(rank, world), for torchrun: every rank draws the same global sample (the same generator, seeded and
-    stepped alike on every rank) and keeps the sampled indices rank, rank + world, ... of it. The shards are
+    stepped alike on every rank) and keeps the sampled examples rank, rank + world, ... of it. The shards are
     disjoint and their union is exactly the one-process sample, so one logical step is one global Poisson sample
     whatever the world size (and each rank's share is itself an independent-inclusion sample of its examples).
+    Every rank gets all the sampled canaries (dp_step adds them on rank 0 alone).
     """
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"poisson_batches: shard must be (rank, world) with 0 <= rank < world, got {shard}")
     for _ in range(int(steps)):
-        picked = poisson_sample(n, q, generator=generator, indices=indices)
-        yield physical_batches(picked[rank::world], physical_batch)
+        picked = poisson_sample(n + canaries, q, generator=generator)
+        examples = picked[picked < n]
+        yield physical_batches(examples[rank::world], physical_batch), picked[picked >= n] - n
 
 
 # -----------------------------------------------------------------------------
@@ -574,12 +611,85 @@ def _grid_main(argv):
 
 
 # -----------------------------------------------------------------------------
-# augmentations: torch, batched, on x's device; random draws come from `generator` (on its own device)
+# augmentations: torch, batched, on x's device. Random draws come from `generator`: a torch.Generator (on its own
+# device) for public images, or an ExampleRandom for private ones, so that each example draws from its own stream.
+
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's increment; constants above 2^63 as their signed int64 value
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(z, k):
+    """Logical right shift of an int64 tensor: >> is arithmetic (it copies the sign bit), so mask those bits off."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z):
+    """splitmix64's finaliser (Steele, Lea & Flood 2014), a bijection of 64-bit words; int64 arithmetic wraps
+    modulo 2^64, as the unsigned original does."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+class ExampleRandom:
+    """Each example's own random numbers, for the augmentations and masks of private data (rule 3).
+
+    A batch-order generator hands out draws by batch slot: one more example sampled shifts every later slot, so
+    the other examples' crops would depend on who else was sampled, and the sensitivity argument would fail. Here
+    draw j of example i is a pure function of (seed, step, i, j): the same whoever else is in the batch, in
+    whatever order, on whichever torchrun process. The stream of example i is splitmix64 started from
+    h = mix(mix(mix(seed + g) + step + g) + i + g), g its golden-ratio increment: draw j is the top 53 bits of
+    mix(h + (j + 1) g), a float64 in [0, 1). Pass it to the augmentations as their `generator`; each call takes
+    the next draws of every example's stream.
+
+    seed: the public --seed; step: the logical step; idx: LongTensor [B] of dataset indices (padding slots draw
+    too, for a fixed shape; their draws are never used). views(k) gives k rows per example (rows i*k .. i*k+k-1),
+    each view drawing its own numbers from its example's stream (augmentation multiplicity).
+    """
+
+    def __init__(self, seed, step, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
+        h = torch.zeros((), dtype=torch.long)
+        for word in (int(seed), int(step)):
+            h = _mix64(h + word + _GOLDEN)
+        self.state = _mix64(h + idx + _GOLDEN)  # (B,) each example's splitmix64 state
+        self.per_example, self.drawn = 1, 0
+
+    def __len__(self):
+        return len(self.state) * self.per_example
+
+    def views(self, k):
+        """The same examples as k rows each; draws continue from this stream's position."""
+        out = ExampleRandom.__new__(ExampleRandom)
+        out.state, out.per_example, out.drawn = self.state, self.per_example * int(k), self.drawn
+        return out
+
+    def uniform(self, c):
+        """The next c draws of every row: float64 [len(self), c] in [0, 1), 53 random bits each."""
+        k = self.per_example
+        j = self.drawn + torch.arange(k * c).view(1, k, c)  # draw numbers: view v takes v*c .. v*c + c - 1
+        self.drawn += k * c
+        z = _mix64(self.state.view(-1, 1, 1) + (j + 1) * _GOLDEN)  # (B, k, c)
+        return (_shift_right(z, 11).double() * 2.0 ** -53).view(-1, c)
 
 
 def _rand(shape, generator, device):
+    """Uniforms of `shape` (B, or (k, B): k per example) on `device`. From an ExampleRandom: each example's next k
+    draws (float32 from the float64 uniforms); from a torch.Generator: torch.rand."""
+    if isinstance(generator, ExampleRandom):
+        k, B = (1, shape) if isinstance(shape, int) else shape
+        if B != len(generator):
+            raise ValueError(f"augmentation of {B} examples with an ExampleRandom of {len(generator)}")
+        return generator.uniform(k).T.reshape(shape).float().to(device)
     gdev = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+
+def uniforms(B, k, *, generator=None, device="cpu"):
+    """float32 [B, k] uniforms in [0, 1): each example's next k draws (an ExampleRandom), or torch.rand's."""
+    if isinstance(generator, ExampleRandom):
+        return _rand((k, B), generator, device).T.contiguous()
+    return _rand((B, k), generator, device)
 
 
 def random_crop(x, pad=4, *, generator=None):
@@ -753,6 +863,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.typed_argv = sys.argv[1:] if args is None else list(args)  # for typed_flags
+        return super().parse_known_args(args, namespace)
+
+
+def typed_flags(parser, dests):
+    """The flags (argparse dests, among `dests`) typed on the command line that `parser` last parsed, whatever their
+    values: a flag typed at its default value counts too, so that --resume can refuse `--eps 8` over a run at eps 4
+    although 8 is the default. argparse fills in a default only where the namespace lacks the attribute, so every
+    dest starts as a marker, and a typed flag replaces it."""
+    unset = object()
+    typed = parser.parse_args(parser.typed_argv, argparse.Namespace(**{k: unset for k in dests}))
+    return [k for k, v in vars(typed).items() if v is not unset]
 
 
 def check_flags(args):

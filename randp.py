@@ -189,13 +189,16 @@ def classify_loss(forward, views, labels):
     return F.cross_entropy(logits, labels.repeat_interleave(K), reduction="none").view(B, K).mean(1)  # (B,)
 
 
-def augment(imgs_uint8, gen, k, flip):
+def augment(imgs_uint8, rng, k, flip):
     """K augmented views per example, drawn per example (never mixing examples): a reflect-padded random crop and,
     for sets where mirroring keeps the label, a horizontal flip. Channels stay as they are: the model and its prior
-    take the private set's channels (a grey set gets a grey prior). Returns views (B, K, C, H, W) in [-1, 1]."""
+    take the private set's channels (a grey set gets a grey prior). Returns views (B, K, C, H, W) in [-1, 1].
+    rng: a data.ExampleRandom of these examples: each view draws from its own example's stream, so an example's
+    views never depend on which other examples were sampled."""
     x = data.normalize(imgs_uint8).repeat_interleave(k, 0)  # (B*K, C, H, W)
-    x = data.random_crop(x, pad=4, generator=gen)
-    x = data.hflip(x, generator=gen) if flip else x
+    rng = rng.views(k)  # rows i*K .. i*K + K-1: example i's K views
+    x = data.random_crop(x, pad=4, generator=rng)
+    x = data.hflip(x, generator=rng) if flip else x
     return x.view(-1, k, *x.shape[1:])
 
 
@@ -216,13 +219,34 @@ def make_per_example_grads(model, loss_fn):
     return vmap(grad_and_value(one), in_dims=(None, None, 0), randomness="different")
 
 
+def clip_and_sum(grads, keep, clip):
+    """sum_i min(1, C / ||g_i||) g_i over the rows i where keep is True: grads {name: (B, *shape)}, keep (B,) bool.
+    Returns ({name: shape}, in float32 at least; the number of kept rows whose norm is not finite). ||g_i|| is the
+    norm over all of row i's tensors together. dp_step clips the examples' rows and the audit's canary rows with
+    this one function, so a canary is clipped exactly as an example is."""
+    up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
+    # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
+    norms = torch.stack([torch.linalg.vector_norm(up(g).reshape(g.shape[0], -1), dim=1)
+                         for g in grads.values()]).norm(dim=0)  # (B,)
+    finite = torch.isfinite(norms)
+    # g_i <- g_i * min(1, C / ||g_i||); rows not kept get factor 0 through where, never 0 * NaN
+    factor = torch.where(keep & finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)  # (B,)
+    whole = bool(finite.all())  # else zero the non-finite rows (padding only, or the run stops in dp_step)
+    sums = {}
+    for k, g in grads.items():
+        g = up(g) if whole else torch.where(finite.view(-1, *[1] * (g.dim() - 1)), up(g), 0.0)
+        sums[k] = torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+    return sums, int((keep & ~finite).sum())
+
+
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
             noise_gen, canaries=None):
     """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
-    canaries: the audit's sampled canary gradients (m,), canary i along its own coordinate i (accountant.CanaryAudit);
-    they are clipped, summed and noised exactly like the examples and come back under the key "canaries".
+    canaries: the audit's canary units of this step (accountant.CanaryAudit.rows), (units, m), one row each along
+    the canary coordinates; clip_and_sum clips them like the examples' rows, and they are summed and noised with
+    them, coming back under the key "canaries".
     A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
@@ -230,21 +254,14 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     for idx, mask in physical_batches:
         batch = load(idx)  # tensors of the B examples of one vmap call, e.g. (B, C, H, W)
         grads, losses = per_example_grads(params, buffers, batch)  # {name: (B, *shape)}, (B,)
+        keep = mask.to(losses.device)  # (B,) bool; padding slots are False
         # The sensitivity argument lives here, so it runs in float32 (at least) whatever the autocast: a bf16
         # matmul would round the clipped sum, and one example could then move it by more than C.
         with torch.autocast(losses.device.type, enabled=False):
-            keep = mask.to(losses.device)  # (B,) bool; padding slots are False
-            # ||g_i|| over all parameters together: the norm of the per-parameter norms (no squared copy of g)
-            norms = torch.stack([torch.linalg.vector_norm(up(g).reshape(g.shape[0], -1), dim=1)
-                                 for g in grads.values()]).norm(dim=0)  # (B,)
-            finite = torch.isfinite(norms)
-            bad += int((keep & ~finite).sum())
-            # g_i <- g_i * min(1, C / ||g_i||); padding slots get factor 0 through where, never 0 * NaN
-            factor = torch.where(keep & finite, (clip / (norms + 1e-6)).clamp(max=1.0), 0.0)  # (B,)
-            whole = bool(finite.all())  # else zero the non-finite rows (padding only, or the run stops below)
-            for k, g in grads.items():
-                g = up(g) if whole else torch.where(finite.view(-1, *[1] * (g.dim() - 1)), up(g), 0.0)
-                summed[k] += torch.tensordot(factor.to(g.dtype), g, dims=1)  # sum_i factor_i g_i
+            sums, nonfinite = clip_and_sum(grads, keep, clip)  # sum_i min(1, C / ||g_i||) g_i, padding left out
+            for k, s in sums.items():
+                summed[k] += s
+        bad += nonfinite
         loss_sum += float(torch.where(keep, up(losses), 0.0).sum())
         count += int(mask.sum())
     # torchrun: summed covers this rank's shard of the one global Poisson sample. Rank 0 alone adds the noise and
@@ -253,9 +270,9 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
     with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
-        if canaries is not None:  # each canary is one example whose gradient has a single non-zero coordinate
-            canaries = up(canaries)
-            summed["canaries"] = canaries * (clip / (canaries.abs() + 1e-6)).clamp(max=1.0) * first
+        if canaries is not None:  # each canary unit is clipped as an example is, by the same function
+            every = torch.ones(len(canaries), dtype=torch.bool, device=canaries.device)
+            summed["canaries"] = clip_and_sum({"canaries": up(canaries)}, every, clip)[0]["canaries"] * first
         # g~ = (sum_i clip(g_i) + N(0, noise_std^2 I)) / B_expected, noise_std = sigma C: noise once per step, on
         # the sum; dividing by the expected batch size (a public constant, the GLOBAL one) instead of the realised
         # one keeps the sensitivity at C. The noise generator's seed is secret (data.secret_seeds).
@@ -414,6 +431,8 @@ def accuracy(model, ds, device, batch=500):
 
 def resumed(parser, args, out, older=None):
     """--resume continues the checkpoint's run with the checkpoint's flags. Returns (args, checkpoint or None).
+    A flag typed with --resume must agree with the checkpoint's run, even one typed at its default value (`--eps 8`
+    over a run at eps 4 is refused, not continued at 4); only --out, --name, --device and --log-every may change.
     older: the values an older checkpoint's run had for flags added since (else a newer flag takes its default)."""
     if not args.resume:
         return args, None
@@ -421,14 +440,15 @@ def resumed(parser, args, out, older=None):
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint at {path}")
     ckpt = data.load_checkpoint(path, flag="--resume", script=Path(__file__).stem)
-    changed = [k for k, v in vars(args).items()
-               if k != "resume" and v != parser.get_default(k) and v != ckpt["args"].get(k)]
-    if any(k not in ("out", "name", "device", "log_every") for k in changed):
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise ValueError(f"--resume continues the checkpoint's run; flags differ from it: {flags}")
-    defaults = {k: parser.get_default(k) for k in vars(args)} | (older or {})
-    return argparse.Namespace(**{**defaults, **ckpt["args"], "out": str(out), "resume": True,
-                                 "device": args.device}), ckpt
+    run = {k: parser.get_default(k) for k in vars(args)} | (older or {}) | ckpt["args"]  # the checkpoint's flags
+    typed = data.typed_flags(parser, vars(args))
+    free = ("resume", "out", "name", "device", "log_every")
+    changed = [k for k in typed if k not in free and not getattr(args, k) == run.get(k)]  # NaN differs from all
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {run.get(k)})" for k in changed)
+        raise ValueError(f"--resume continues the checkpoint's run with its flags; these differ from it: {flags}")
+    return argparse.Namespace(**{**run, **{k: getattr(args, k) for k in typed if k in free}, "out": str(out),
+                                 "resume": True}), ckpt
 
 
 def start(args, out, ckpt, device):
@@ -499,57 +519,58 @@ def privacy_plan(args, private, audit, earlier, detail=""):
     return plan, n_total
 
 
-def generators(args, device, rank, world):
-    """(sample_gen, aug_gen, noise_gen). The Poisson sample and the noise draw from secret seeds (the OS), never
-    from the public --seed; under torchrun every rank draws the same global sample, so takes rank 0's seed."""
+def generators(args, device, world):
+    """(sample_gen, noise_gen). The Poisson sample and the noise draw from secret 256-bit seeds (the OS), never
+    from the public --seed, through data.secret_generator (which keeps all of a seed that the generator can); under
+    torchrun every rank draws the same global sample, so takes rank 0's sampling seed. The augmentations need no
+    generator: each example draws from its own stream (data.ExampleRandom), the same on every rank."""
     sample_seed, noise_seed = data.secret_seeds(args.seed if args.insecure_seed else None)
     if world > 1:
         shared = [sample_seed]
         dist.broadcast_object_list(shared, src=0)
         sample_seed = shared[0]
-    return (torch.Generator().manual_seed(sample_seed),  # Poisson sampling (secret)
-            torch.Generator().manual_seed(args.seed + 1 + 2**32 * rank),  # augmentation (public), one per rank
-            torch.Generator(device=device).manual_seed(noise_seed))  # DP noise (secret)
+    return (data.secret_generator(sample_seed),  # Poisson sampling (secret), on the CPU
+            data.secret_generator(noise_seed, device))  # DP noise (secret)
 
 
-def restore(ckpt, model, opt, accountant, audit, gens, rank, delta):
+def restore(ckpt, model, opt, accountant, audit, gens, delta):
     """Load a checkpoint's weights, optimiser, accountant, audit and random streams. Returns its step."""
     data.load_weights(model, ckpt["model"], where="--resume checkpoint.pt")
     opt.load_state_dict(ckpt["optimizer"])
     accountant.load_state_dict(ckpt["accountant"])
     if audit:
         audit.load_state_dict(ckpt["audit"])
-    sample_state, aug_states, noise_state, torch_state = ckpt["rng"]
-    # every rank: the same sample stream, its own augmentation stream (round-robin if the world size changed)
-    for g, s in zip(gens, (sample_state, aug_states[rank % len(aug_states)], noise_state)):
+    # [sample, noise, torch] states (a list of four also holds augmentation generators' states, which nothing reads:
+    # the augmentations are a function of the step); the same sample stream on every rank
+    sample_state, noise_state, torch_state = ckpt["rng"][0], ckpt["rng"][-2], ckpt["rng"][-1]
+    for g, s in zip(gens, (sample_state, noise_state)):
         g.set_state(s)
     torch.set_rng_state(torch_state)
     print(f"resumed at step {ckpt['step']}, eps so far {accountant.epsilon(delta):.3f}")
     return ckpt["step"]
 
 
-def save_checkpoint(path, gens, rank, world, **state):
-    """Every rank calls it (each holds its own augmentation stream); rank 0 writes the file, atomically."""
-    sample_gen, aug_gen, noise_gen = gens
-    aug_states = [aug_gen.get_state()] * world
-    if world > 1:
-        dist.all_gather_object(aug_states, aug_gen.get_state())
+def save_checkpoint(path, gens, rank, **state):
+    """Rank 0 writes the checkpoint, atomically; its generator states are secret (never publish the file)."""
     if rank:
         return
-    rng = [sample_gen.get_state(), aug_states, noise_gen.get_state(), torch.get_rng_state()]
+    sample_gen, noise_gen = gens
+    rng = [sample_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()]
     torch.save(dict(state, rng=rng, script=Path(__file__).stem), str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
 
 
 def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
-    the private data (the batch size counts the sampling coins), so they are logged only with --log-private."""
+    the private data (the batch size counts the sampling coins), and so does the time (it grows with the number
+    of physical batches, i.e. with the sample): they are logged only with --log-private. Strict JSON: eps inf
+    (--eps inf) is null."""
     update = [p.grad.float().norm() for p in params.values() if p.grad is not None]
-    rec = dict(step=step, **extra, eps=eps, lr=lr, time=time.time() - t0,
+    rec = dict(step=step, **extra, eps=eps if eps < math.inf else None, lr=lr,
                noisy_grad_norm=float(torch.stack(update).norm()))
     if args.log_private:
-        rec.update(loss=loss, batch=batch, private=True)
-    log.write(json.dumps(rec) + "\n")
+        rec.update(loss=loss, batch=batch, time=round(time.time() - t0, 3), private=True)
+    log.write(json.dumps(rec, allow_nan=False) + "\n")
     log.flush()
     phase = "".join(f" ({v})" for v in extra.values())
     tqdm.write(f"step {step}/{args.steps}{phase} loss {loss:.4f} eps {eps:.3f}")
@@ -562,28 +583,44 @@ def end_processes(world):
         dist.destroy_process_group()
 
 
+def not_private_reason(args):
+    """Why a run's eps is no privacy claim (the words its release records), or None for a DP run."""
+    if args.eps == math.inf:
+        return "--eps inf: no clipping, no noise"
+    if args.debug_no_noise:
+        return "--debug-no-noise: no noise was added"
+    if args.insecure_seed:
+        return "--insecure-seed: the sample and the noise follow --seed, which summary.json publishes"
+    return None
+
+
 def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_total, steps, data_name):
     """Write the release, model.pt (weights + privacy record) and summary.json, and print the privacy lines.
     checkpoint.pt holds the secret generator states, metrics.jsonl written with --log-private the clean loss:
-    never publish those two."""
+    never publish those two. Both records are strict JSON (an infinite eps is null; "private": false and
+    "not_private_reason" say why), written with allow_nan=False so that a stray inf fails loudly."""
     q, sigma, delta = plan["q"], plan["sigma"], plan["delta"]
-    eps_spent, is_private = accountant.epsilon(delta), args.eps < math.inf and not args.debug_no_noise
+    eps_spent, why_not = accountant.epsilon(delta), not_private_reason(args)
+    finite = lambda e: e if e < math.inf else None  # JSON has no infinity
     audit_result = audit.result(delta=delta, claimed_eps=eps_spent) if audit else None
     eps_alone = epsilon(q=q, sigma=sigma, steps=steps, delta=delta)
     pipeline = earlier["pipeline"] + [dict(script=Path(__file__).name, file=str(out / "model.pt"), data=data_name,
-                                           eps_alone=eps_alone, delta=delta, q=q, sigma=sigma, steps=steps)]
-    privacy = dict(private=is_private, eps=eps_spent, delta=delta, data=data_name, n=n_total, init=earlier["note"],
-                   accountant=accountant.state_dict(), pipeline=pipeline)
+                                           eps_alone=finite(eps_alone), delta=delta, q=q, sigma=sigma, steps=steps)]
+    privacy = dict(private=why_not is None, not_private_reason=why_not, eps=finite(eps_spent), delta=delta,
+                   data=data_name, n=n_total, init=earlier["note"], accountant=accountant.state_dict(),
+                   pipeline=pipeline)
+    json.dumps(privacy, allow_nan=False)  # the record must be strict JSON too
     weights = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
     torch.save(weights, str(out / "model.pt") + ".tmp")
     os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
-    summary = dict(private=is_private, eps=eps_spent, target_eps=args.eps, delta=delta, sigma=sigma, q=q, n=n_total,
-                   steps=steps, clip=args.clip, data=data_name) | summary
-    summary.update(eps_this_run=eps_alone, init_privacy=earlier["note"], privacy_pipeline=pipeline,
-                   audit=audit_result, debug_no_noise=args.debug_no_noise, args=vars(args))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = dict(private=why_not is None, not_private_reason=why_not, eps=finite(eps_spent),
+                   target_eps=finite(args.eps), delta=delta, sigma=sigma, q=q, n=n_total, steps=steps, clip=args.clip,
+                   data=data_name) | summary
+    summary.update(eps_this_run=finite(eps_alone), init_privacy=earlier["note"], privacy_pipeline=pipeline,
+                   audit=audit_result, debug_no_noise=args.debug_no_noise, args=vars(args) | dict(eps=finite(args.eps)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={steps})" +
-          ("" if args.eps < math.inf else ": NOT PRIVATE (--eps inf)"))
+          ("" if why_not is None else f": NOT PRIVATE ({why_not})"))
     if earlier["prior"]:
         print(f"eps={eps_spent:.3f} is composed with the --init run's; this run alone: eps={eps_alone:.3f}")
     if audit_result:
@@ -663,10 +700,10 @@ def main(argv=None):
     opt = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum)
     ema = {k: v.clone() for k, v in params.items()}  # evaluated weights: a function of released ones, so free
     accountant = RDPAccountant()
-    gens = sample_gen, aug_gen, noise_gen = generators(args, device, rank, world)
+    gens = sample_gen, noise_gen = generators(args, device, world)
     step = 0
     if ckpt:
-        step = restore(ckpt, model, opt, accountant, audit, gens, rank, delta)
+        step = restore(ckpt, model, opt, accountant, audit, gens, delta)
         ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
     if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
         for v in [*params.values(), *buffers.values()]:
@@ -675,7 +712,9 @@ def main(argv=None):
     make_grads = make_per_example_grads if is_private else make_batch_grad
     train_grads = make_grads(model, classify_loss)
     flip = args.aug == "crop_flip"
-    load = lambda idx: (augment(private.images(idx), aug_gen, args.aug_mult, flip).to(device),
+    # each example's K views: a function of (--seed, the step being taken, its index) alone
+    example_rng = lambda idx: data.ExampleRandom(args.seed, step, idx)
+    load = lambda idx: (augment(private.images(idx), example_rng(idx), args.aug_mult, flip).to(device),
                         private.labels[idx].to(device))
     probe_grads, load_probe = train_grads, load
     if lp_steps > step and args.lp_features == "cached":  # phase II freezes the body, so each example's features
@@ -686,16 +725,16 @@ def main(argv=None):
         load_probe = lambda idx: (feats[idx.to(feats.device)], private.labels[idx].to(device))
     noise_std = 0.0 if args.debug_no_noise else sigma * args.clip  # on the sum; one example moves it by <= C
     checkpoint = lambda: save_checkpoint(
-        out / "checkpoint.pt", gens, rank, world, model=model.state_dict(), optimizer=opt.state_dict(),
+        out / "checkpoint.pt", gens, rank, model=model.state_dict(), optimizer=opt.state_dict(),
         args=vars(args), step=step, accountant=accountant.state_dict(), audit=audit and audit.state_dict(),
         init=earlier, ema=ema)
 
     # one logical step: Poisson sample -> per-example gradients -> clip -> noise -> step -> account
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
-                                   shard=(rank, world))
+                                   shard=(rank, world), canaries=audit.n_included if audit else 0)
     bar = tqdm(batches, total=args.steps - step, desc="DP-SGD (phases II+III)", dynamic_ncols=True, disable=not master)
     with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
-        for physical_batches in bar:
+        for physical_batches, sampled_canaries in bar:
             model.train()
             probing = step < lp_steps  # phase II: the head alone, on the frozen prior; phase III: everything
             first, total, peak = (0, lp_steps, args.lp_lr) if probing else (lp_steps, args.steps - lp_steps, args.lr)
@@ -703,7 +742,7 @@ def main(argv=None):
                 group["lr"] = lr_at(step - first, total, peak, min(args.warmup, total))
             trainable, frozen = trainable_split(params, buffers, "linear_probe" if probing else "fine_tune")
             grads_fn, inputs = (probe_grads, load_probe) if probing else (train_grads, load)
-            canaries = audit and torch.as_tensor(audit.gradients(step, q, args.clip), dtype=torch.float32).to(device)
+            canaries = audit and torch.as_tensor(audit.rows(sampled_canaries, args.clip)).to(device)
             with autocast:
                 if is_private:
                     noisy, loss = dp_step(grads_fn, trainable, frozen, physical_batches, inputs, clip=args.clip,
@@ -741,7 +780,7 @@ def main(argv=None):
               dict(phase="fine_tune", steps=args.steps - lp_steps, q=q, sigma=sigma)]
     summary = dict(method="DP-RandP (randp.py)", phases=phases, batch_size=args.batch_size, aug_mult=args.aug_mult,
                    prior=not args.no_prior, width=args.width, test_data=test.name, test_accuracy=acc,
-                   prior_time_s=t_prior, wall_time_s=time.time() - t0, device=str(device))
+                   prior_time_s=t_prior, device=str(device))
     release(out, model, summary, args=args, plan=plan, accountant=accountant, earlier=earlier, audit=audit,
             n_total=n_total, steps=step, data_name=private.name)
     print(f"test accuracy (EMA weights, {test.name}, n={len(test)}): {acc:.4f}")

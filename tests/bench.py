@@ -124,7 +124,8 @@ def bench_data():
         ds = data.load_dataset(tmp, split="test")
         print(f"  {'cifar10 jpeg folder: list ' + str(len(ds)) + ' files':<44} {time.perf_counter() - t0:8.2f} s")
         count, t0 = 0, time.perf_counter()
-        for step in data.poisson_batches(len(ds), 256 / len(ds), 10, 128, generator=torch.Generator().manual_seed(0)):
+        g = torch.Generator().manual_seed(0)
+        for step, _ in data.poisson_batches(len(ds), 256 / len(ds), 10, 128, generator=g):
             for idx, mask in step:  # what a training step pays: decode a fixed-shape micro-batch, augment it
                 data.random_crop(data.normalize(ds.images(idx)))
                 count += int(mask.sum())

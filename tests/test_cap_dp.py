@@ -253,7 +253,7 @@ def test_non_private_training_learns_zero_shot_on_an_easy_set():
     tokens = data.ByteTokenizer().encode(train.captions, 12)
     load = lambda idx: (data.normalize(train.images(idx)), tokens[idx])
     batch_grad = C.make_batch_grad(model, C.caption_loss)
-    for step, micro_batches in enumerate(data.poisson_batches(len(train), 64 / len(train), 150, 64,
+    for step, (micro_batches, _) in enumerate(data.poisson_batches(len(train), 64 / len(train), 150, 64,
                                                               generator=torch.Generator().manual_seed(0))):
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, 150, 5e-3, 10)

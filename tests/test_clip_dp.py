@@ -67,14 +67,22 @@ def test_micro_batches_are_a_per_pair_random_assignment():
     """Each row holds exactly the sampled pairs whose own draw chose it: a pair's micro-batch depends on nothing
     else, so removing a sampled pair empties its slot in its own row and leaves every other row as it was."""
     n, q, K = 500, 0.3, 7
-    members, mask = M.sample_micro_batches(n, q, K, generator=torch.Generator().manual_seed(5))
+    members, mask, canaries = M.sample_micro_batches(n, q, K, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)  # the same draws, replayed
     picked = data.poisson_sample(n, q, generator=g)
     slot = torch.randint(K, (n,), generator=g)
-    assert members.shape[0] == K and int(mask.sum()) == len(picked)
+    assert members.shape[0] == K and int(mask.sum()) == len(picked) and len(canaries) == 0
     for j in range(K):
         assert members[j][mask[j]].tolist() == [i for i in picked.tolist() if slot[i] == j]
         assert (members[j][~mask[j]] == 0).all()
+    # --audit: 40 joined canaries are indices n .. n + 39 of the same draw, apart from the micro-batches
+    members, mask, canaries = M.sample_micro_batches(n, q, K, generator=torch.Generator().manual_seed(5), canaries=40)
+    g = torch.Generator().manual_seed(5)
+    picked = data.poisson_sample(n + 40, q, generator=g)
+    slot = torch.randint(K, (n + 40,), generator=g)
+    assert canaries.tolist() == (picked[picked >= n] - n).tolist() and (members[mask] < n).all()
+    for j in range(K):
+        assert members[j][mask[j]].tolist() == [i for i in picked.tolist() if i < n and slot[i] == j]
 
 
 def dp_on(model, members, mask, imgs, toks, *, clip, sigma, per_call=2, seed=0):
@@ -211,7 +219,7 @@ def test_plain_step_is_dp_step_without_clipping_or_noise():
     model = tiny_model()
     params, buffers = functional(model)
     imgs, toks = pairs(6, 3)
-    members, pair_mask = M.sample_micro_batches(18, 0.7, 4, generator=torch.Generator().manual_seed(1))
+    members, pair_mask, _ = M.sample_micro_batches(18, 0.7, 4, generator=torch.Generator().manual_seed(1))
     load_pairs = lambda idx, mask: (imgs.flatten(0, 1)[idx], toks.flatten(0, 1)[idx], mask)
     kw = dict(per_call=3, noise_gen=torch.Generator().manual_seed(0))
     dp, dp_loss = M.micro_batch_step(M.make_per_example_grads(model, M.clip_loss), params, buffers, members, pair_mask,
@@ -252,7 +260,7 @@ def test_non_private_training_learns_zero_shot_on_an_easy_set():
                                     tokens[idx], mask)
     batch_grad, gen = M.make_batch_grad(model, M.clip_loss), torch.Generator().manual_seed(0)
     for step in range(150):
-        members, pair_mask = M.sample_micro_batches(len(train), 64 / len(train), 8, generator=gen)
+        members, pair_mask, _ = M.sample_micro_batches(len(train), 64 / len(train), 8, generator=gen)
         for group in opt.param_groups:
             group["lr"] = M.lr_at(step, 150, 5e-3, 10)
         g, loss = M.micro_batch_step(None, params, buffers, members, pair_mask, load_pairs, clip=1.0, noise_std=0.0,

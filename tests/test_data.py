@@ -185,7 +185,7 @@ def test_physical_batches():
 
 
 def test_poisson_batches_reproducible():
-    run = lambda s: list(data.poisson_batches(300, 0.1, 5, 8, generator=torch.Generator().manual_seed(s)))
+    run = lambda s: [pb for pb, _ in data.poisson_batches(300, 0.1, 5, 8, generator=torch.Generator().manual_seed(s))]
     a, b = run(0), run(0)
     assert len(a) == 5
     for sa, sb in zip(a, b):
@@ -196,7 +196,8 @@ def test_poisson_batches_reproducible():
 def test_poisson_batches_shards_partition_the_one_process_sample():
     """torchrun: world ranks with the same generator seed hold disjoint shards whose union is the whole sample."""
     def run(shard):
-        return list(data.poisson_batches(300, 0.1, 4, 8, generator=torch.Generator().manual_seed(3), shard=shard))
+        return [pb for pb, _ in data.poisson_batches(300, 0.1, 4, 8, generator=torch.Generator().manual_seed(3),
+                                                     shard=shard)]
     whole = [torch.cat([i[m] for i, m in step]) for step in run((0, 1))]
     for world in (2, 3):
         shards = [run((r, world)) for r in range(world)]
@@ -206,6 +207,23 @@ def test_poisson_batches_shards_partition_the_one_process_sample():
             assert all(len(p) in (len(full) // world, len(full) // world + 1) for p in parts)  # balanced
     with pytest.raises(ValueError, match="shard"):
         next(data.poisson_batches(300, 0.1, 1, 8, shard=(2, 2)))
+
+
+def test_poisson_batches_sample_the_canaries_with_the_examples():
+    """--audit: the c joined canaries are indices n .. n + c - 1 of the one Poisson draw (coins from the same call
+    and generator as the examples'), returned apart as canary numbers; every torchrun shard gets all of them."""
+    n, c, q = 300, 200, 0.2
+    g, replay = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    rates = []
+    for physical, canaries in data.poisson_batches(n, q, 50, 8, generator=g, canaries=c):
+        picked = data.poisson_sample(n + c, q, generator=replay)  # the same draw, replayed
+        assert torch.cat([i[m] for i, m in physical]).tolist() == picked[picked < n].tolist()
+        assert canaries.tolist() == (picked[picked >= n] - n).tolist()
+        rates.append(len(canaries) / c)
+    assert abs(sum(rates) / len(rates) - q) < 4 * (q * (1 - q) / (50 * c)) ** 0.5  # each canary's coin: rate q
+    shards = [list(data.poisson_batches(n, q, 3, 8, generator=torch.Generator().manual_seed(4), canaries=c,
+                                        shard=(r, 2))) for r in range(2)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(*shards))
 
 
 # -----------------------------------------------------------------------------

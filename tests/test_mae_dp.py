@@ -2,9 +2,11 @@
 end is in test_scripts.py."""
 import json
 
+import numpy as np
 import torch
 
 import mae_dp as M
+from accountant import CanaryAudit
 
 
 def tiny_model(dtype=torch.float64):
@@ -113,27 +115,46 @@ def test_noise_has_std_sigma_C_over_B():
     assert abs(z.mean().item()) < 5 * expected / n ** 0.5
 
 
-def test_canaries_go_through_the_same_clip_sum_and_noise():
-    """--audit: canary gradients (one coordinate each) are clipped to C, summed, noised sigma*C, divided by B,
-    like the examples' gradients; the model's own gradient is unchanged by them apart from its noise draw."""
+def test_canaries_go_through_the_same_clip_sum_and_noise(monkeypatch):
+    """--audit: canary rows (10 C along one coordinate each) are clipped by the examples' own clip_and_sum, summed,
+    noised sigma*C and divided by B; the model's own gradient is unchanged by them apart from its noise draw."""
     model = tiny_model(torch.float32)
     params, buffers = functional(model)
     peg = M.make_per_example_grads(model, loss_fn)
     xs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
     micro = [(torch.arange(4), torch.ones(4, dtype=torch.bool))]
-    canaries = torch.zeros(3000)
-    canaries[::3] = 10.0  # 1000 sampled canaries of norm 10 C
+    audit = CanaryAudit(3000, seed=0)
+    sampled = torch.arange(0, audit.n_included, 3)  # every third joined canary
+    rows = torch.as_tensor(audit.rows(sampled, 0.5))  # (units, m)
+    ids = np.flatnonzero(audit.included)[sampled.numpy()]
+    assert rows.shape == (len(ids), 3000) and torch.equal(rows.abs().sum(1), torch.full((len(ids),), 5.0))
+    expected = torch.zeros(3000)
+    expected[ids] = 0.5 / 8.0  # clipped to C, then / B
     kw = dict(clip=0.5, expected_batch=8.0)
     g0, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=0.0,
                       noise_gen=torch.Generator().manual_seed(0), **kw)
     g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=0.0,
-                     noise_gen=torch.Generator().manual_seed(0), canaries=canaries, **kw)
-    assert torch.allclose(g.pop("canaries"), (canaries > 0) * 0.5 / 8.0, atol=1e-6)  # clipped to C, then / B
+                     noise_gen=torch.Generator().manual_seed(0), canaries=rows, **kw)
+    assert torch.allclose(g.pop("canaries"), expected, atol=1e-6)
     assert all(torch.equal(g[k], g0[k]) for k in g0)
     gn, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=2.0 * 0.5,
-                      noise_gen=torch.Generator().manual_seed(1), canaries=canaries, **kw)
-    z = gn["canaries"][1::3]  # the canaries not sampled: noise only
+                      noise_gen=torch.Generator().manual_seed(1), canaries=rows, **kw)
+    z = gn["canaries"][torch.as_tensor(expected == 0)]  # the canaries not sampled: noise only
     assert abs(z.std().item() / (2.0 * 0.5 / 8.0) - 1) < 5 / (2 * z.numel()) ** 0.5
+    # the canaries are clipped by the examples' function: a clip_and_sum that forgets to clip shows in them
+    unclipped = lambda grads, keep, clip: ({k: torch.tensordot(keep.to(v.dtype), v, dims=1) for k, v in grads.items()},
+                                           0)
+    monkeypatch.setattr(M, "clip_and_sum", unclipped)
+    g, _ = M.dp_step(peg, params, buffers, micro, lambda i: (xs[i], noise[i]), noise_std=0.0,
+                     noise_gen=torch.Generator().manual_seed(0), canaries=rows, **kw)
+    assert torch.allclose(g["canaries"], expected * 10, atol=1e-5)
+
+
+def test_a_step_without_sampled_canaries_releases_their_noise_only():
+    audit = CanaryAudit(50, seed=0)
+    rows = torch.as_tensor(audit.rows(torch.zeros(0, dtype=torch.long), 1.0))
+    sums, bad = M.clip_and_sum({"canaries": rows}, torch.ones(len(rows), dtype=torch.bool), 1.0)
+    assert torch.equal(sums["canaries"], torch.zeros(50)) and bad == 0
 
 
 def test_smoke_run_reports_its_probes(smoke_run):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import accountant
+import data
 import randp as R
 from conftest import TINY, run_script
 
@@ -60,9 +61,12 @@ def test_group_norm_keeps_examples_apart():
 
 def test_augment_gives_k_views_and_keeps_the_channels():
     imgs = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
-    views = R.augment(imgs, torch.Generator().manual_seed(0), 4, flip=False)
+    views = R.augment(imgs, data.ExampleRandom(0, 0, torch.arange(3)), 4, flip=True)
     assert views.shape == (3, 4, 1, 16, 16) and views.min() >= -1 and views.max() <= 1
     assert not torch.equal(views[0, 0], views[0, 1]) or not torch.equal(views[0, 1], views[0, 2])  # views differ
+    # example 1's K views come from its own stream: the same alone as beside others
+    alone = R.augment(imgs[1:2], data.ExampleRandom(0, 0, torch.tensor([1])), 4, flip=True)
+    assert torch.equal(alone[0], views[1])
 
 
 @pytest.mark.parametrize("phase", ["linear_probe", "fine_tune"])
