@@ -251,6 +251,135 @@ def test_augmentations():
         assert any(torch.equal(a, p[:, i:i + 32, j:j + 32]) for i in range(9) for j in range(9))
 
 
+# per-example random streams (the augmentations of private data) and the secret generators
+
+MASK64 = 2**64 - 1
+
+
+def mix64_reference(z):
+    """splitmix64's finaliser on Python ints, unsigned 64-bit: the independent reference for data._mix64."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def example_uniform_reference(seed, step, i, j):
+    """Draw j of example i at (seed, step): h = mix(mix(mix(seed + g) + step + g) + i + g), u = mix(h + (j+1) g) >> 11."""
+    golden, h = 0x9E3779B97F4A7C15, 0
+    for word in (seed, step, i):
+        h = mix64_reference((h + word + golden) & MASK64)
+    return (mix64_reference((h + (j + 1) * golden) & MASK64) >> 11) / 2.0 ** 53
+
+
+def test_mix64_is_splitmix64():
+    assert mix64_reference(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF  # splitmix64's first output from state 0
+    z = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x0123456789ABCDEF, 0xFEDCBA9876543210]
+    t = torch.tensor([v - 2**64 if v >= 2**63 else v for v in z], dtype=torch.long)
+    assert [v & MASK64 for v in data._mix64(t).tolist()] == [mix64_reference(v) for v in z]
+
+
+def test_example_random_is_bit_exact_to_the_reference():
+    idx = torch.tensor([0, 5, 19999, 7, 5, 2**40])
+    for seed, step in ((0, 0), (1, 3), (2**32 - 1, 10**6)):
+        r = data.ExampleRandom(seed, step, idx)
+        first, second = r.uniform(3), r.uniform(2)  # each call takes the next draws
+        got = torch.cat([first, second], 1)
+        ref = [[example_uniform_reference(seed, step, i, j) for j in range(5)] for i in idx.tolist()]
+        assert got.dtype == torch.float64 and got.tolist() == ref
+    u = data.ExampleRandom(0, 0, torch.arange(20000)).uniform(2)
+    assert 0 <= u.min() and u.max() < 1 and np.unique(u.numpy() * 2.0**53 % 1).tolist() == [0.0]  # 53 bits
+    assert abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_example_random_differs_across_seed_step_and_index():
+    draw = lambda seed, step, i: data.ExampleRandom(seed, step, torch.tensor([i])).uniform(8)
+    base = draw(0, 0, 0)
+    for other in (draw(1, 0, 0), draw(0, 1, 0), draw(0, 0, 1), draw(2**32, 0, 0)):
+        assert not torch.equal(other, base)
+    assert torch.equal(draw(0, 0, 0), base)  # a pure function: the same call, the same numbers
+    # the same example twice in one batch (a padding slot repeats index 0) gets the same numbers
+    twice = data.ExampleRandom(0, 0, torch.tensor([0, 3, 0])).uniform(8)
+    assert torch.equal(twice[0], twice[2]) and torch.equal(twice[0], base[0])
+
+
+def test_example_random_views_take_their_own_draws():
+    r = data.ExampleRandom(4, 2, torch.tensor([7, 9])).views(3)  # rows: 7 7 7 9 9 9
+    u = r.uniform(2)
+    assert len(r) == 6 and u.shape == (6, 2)
+    ref = [[example_uniform_reference(4, 2, i, 2 * v + j) for j in range(2)] for i in (7, 9) for v in range(3)]
+    assert u.tolist() == ref
+
+
+@pytest.mark.parametrize("fn", [data.random_crop, data.hflip, data.random_resized_crop, data.color_jitter],
+                         ids=lambda f: f.__name__)
+def test_each_example_is_augmented_by_its_own_stream(fn):
+    """An example's augmentation is the same alone, in any batch, at any position: a batch-order generator would
+    give each example the draws of its slot instead."""
+    x = data.normalize(load_dataset("shapes", n=24).images(torch.arange(24)))
+    idx = torch.arange(24) * 11 + 3
+    whole = fn(x, generator=data.ExampleRandom(0, 7, idx))
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    shuffled = fn(x[order], generator=data.ExampleRandom(0, 7, idx[order]))
+    assert torch.equal(shuffled, whole[order])
+    for i in (0, 13, 23):
+        assert torch.equal(fn(x[i:i + 1], generator=data.ExampleRandom(0, 7, idx[i:i + 1]))[0], whole[i])
+    other_step = fn(x, generator=data.ExampleRandom(0, 8, idx))
+    assert not torch.equal(other_step, whole)
+    with pytest.raises(ValueError, match="ExampleRandom"):
+        fn(x[:5], generator=data.ExampleRandom(0, 7, idx))
+
+
+def test_uniforms_from_a_stream_or_a_generator():
+    r = data.ExampleRandom(0, 0, torch.arange(3))
+    u = data.uniforms(3, 4, generator=r)
+    assert u.shape == (3, 4) and u.dtype == torch.float32
+    assert torch.equal(u, data.ExampleRandom(0, 0, torch.arange(3)).uniform(4).float())
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(data.uniforms(3, 4, generator=g), torch.rand(3, 4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_torch_cpu_manual_seed_keeps_only_32_bits():
+    """Why data.secret_generator does not use manual_seed: seeds equal in their low 32 bits draw the same numbers."""
+    a, b = torch.Generator().manual_seed(12345), torch.Generator().manual_seed(12345 + 2**32)
+    assert torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
+
+
+def test_secret_generator_keeps_the_whole_seed():
+    draw = lambda seed: torch.rand(16, generator=data.secret_generator(seed), dtype=torch.float64)
+    base = draw(12345)
+    for other in (12345 + 2**32, 12345 + 2**63, 12345 + 2**255, 12346):
+        assert not torch.equal(draw(other), base)  # a seed differing anywhere draws other numbers
+    assert torch.equal(draw(12345), base)  # and the same seed the same ones (--insecure-seed replays)
+    g = data.secret_generator(2**200 + 9)
+    torch.randn(5, generator=g)  # a normal draw: the generator caches one more
+    state = g.get_state()
+    after = torch.randn(7, generator=g), torch.rand(3, generator=g)
+    h = torch.Generator()
+    h.set_state(state)  # a checkpoint's state resumes the stream exactly
+    again = torch.randn(7, generator=h), torch.rand(3, generator=h)
+    assert all(torch.equal(x, y) for x, y in zip(after, again))
+    z = torch.randn(200_000, generator=data.secret_generator(3))
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    u = torch.rand(200_000, generator=data.secret_generator(4), dtype=torch.float64)
+    assert abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_secret_seeds_are_256_bit_and_fresh():
+    seeds = [data.secret_seeds() for _ in range(4)]
+    flat = [s for pair in seeds for s in pair]
+    assert len(set(flat)) == 8 and max(flat) > 2**128 and all(0 <= s < 2**256 for s in flat)
+    assert data.secret_seeds(pinned=5) == (5, 7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: its Philox generator takes a 64-bit seed")
+def test_secret_generator_on_cuda_uses_64_bits():
+    a, b = torch.Generator("cuda").manual_seed(5), torch.Generator("cuda").manual_seed(5 + 2**32)
+    assert not torch.equal(torch.rand(8, generator=a, device="cuda"), torch.rand(8, generator=b, device="cuda"))
+    assert max(data.secret_generator(s, "cuda").initial_seed() for s in range(8)) >= 2**32  # more than 32 bits
+    draw = lambda seed: torch.rand(8, generator=data.secret_generator(seed, "cuda"), device="cuda")
+    assert torch.equal(draw(1), draw(1))
+
+
 # -----------------------------------------------------------------------------
 # tokenizer
 
