@@ -249,3 +249,99 @@ def test_a_run_without_noise_is_recorded_as_not_private_and_refused_as_init(two_
     r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "bad/model.pt", "--out", "next", *FLAGS,
                    cwd=tmp_path)
     assert r.returncode == 2 and "NOT private" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- 8: one example's augmentation never depends on which other examples were sampled (rule 3) ---
+# Each script's own load path, captured at its first DP step: a sample S and S plus one extra example at the front,
+# the middle and the end; every example of S must get bit-equal inputs. A batch-order generator (draws handed out
+# by batch slot) fails this: one more example shifts every later slot.
+
+class FirstStep(Exception):
+    """Raised by the spy in place of the first DP step: main() has built its load path, and stops there."""
+
+
+def first_step_inputs(monkeypatch, tmp_path, module, flags, spied):
+    """Run module.main(flags) in tmp_path up to its first call of module.<spied> and return that call's arguments."""
+    got = {}
+
+    def spy(*args, **kw):
+        got["args"], got["kw"] = args, kw
+        raise FirstStep
+    monkeypatch.setattr(module, spied, spy)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FirstStep):
+        module.main([*flags, "--eps", "4", "--steps", "2", "--out", "run"])
+    monkeypatch.undo()
+    return got["args"]
+
+
+SAMPLE = [i for i in range(1, 299, 7) if i != 148]  # 43 examples in data set order; 0, 148 and 299 are not in it
+EXTRA = {"front": 0, "middle": 148, "end": 299}
+
+
+def inputs_by_example(load, sample, physical_batch=16):
+    """{example index: its loaded tensors}, through load over the physical batches of `sample` as dp_step calls it."""
+    out = {}
+    for idx, mask in data.physical_batches(torch.tensor(sorted(sample)), physical_batch):
+        batch = load(idx)
+        for r in mask.nonzero().squeeze(1).tolist():
+            out[int(idx[r])] = tuple(t[r] for t in batch)
+    return out
+
+
+@pytest.mark.parametrize("M", [mae_dp, cap_dp, randp], ids=lambda m: m.__name__)
+def test_adding_an_example_leaves_every_other_examples_input_bit_equal(monkeypatch, tmp_path, M):
+    flags = TINY[f"{M.__name__}.py"] + (["--lp-steps", "0"] if M is randp else [])  # randp: phase III's views
+    load = first_step_inputs(monkeypatch, tmp_path, M, flags, "dp_step")[4]
+    base = inputs_by_example(load, SAMPLE)
+    for where, x in EXTRA.items():
+        more = inputs_by_example(load, SAMPLE + [x])
+        assert set(more) == set(base) | {x}
+        for i in SAMPLE:
+            assert all(torch.equal(a, b) for a, b in zip(base[i], more[i])), (where, i)
+    if M is not cap_dp:  # (cap_dp.py does not augment) the inputs are augmented: not the plain normalised images
+        private = data.load_dataset("shapes", split="train", size=16, n=300, seed=0)
+        assert not torch.equal(base[SAMPLE[0]][0].flatten(), data.normalize(private.images([SAMPLE[0]]))[0].flatten())
+
+
+def test_adding_a_pair_leaves_the_other_micro_batches_bit_equal(monkeypatch, tmp_path):
+    """clip_dp.py: the vmap calls are ordered by micro-batch size, which one more pair changes; the 2C argument needs
+    every micro-batch without the added pair to get exactly its inputs, and every pair its crop."""
+    args = first_step_inputs(monkeypatch, tmp_path, clip_dp, TINY["clip_dp.py"], "micro_batch_step")
+    load_pairs = args[5]
+    slots = {i: (i * 5) % 9 for i in SAMPLE + list(EXTRA.values())}  # 9 micro-batches of 4-6 pairs
+
+    def members_of(sample):
+        rows = [[i for i in sorted(sample) if slots[i] == j] for j in range(9)]
+        M = max(map(len, rows))
+        members = torch.tensor([r + [0] * (M - len(r)) for r in rows])
+        return members, torch.tensor([[True] * len(r) + [False] * (M - len(r)) for r in rows])
+
+    def inputs(sample):
+        """{micro-batch j: (images, tokens) of its real pairs, as dp_step's load gives them}."""
+        members, pair_mask = members_of(sample)
+        seen = {}
+
+        def spy(per_example_grads, params, buffers, calls, load, **kw):
+            for ids, mask in calls:
+                imgs, tokens, m = load(ids)
+                for r in mask.nonzero().squeeze(1).tolist():
+                    seen[int(ids[r])] = (imgs[r][m[r]], tokens[r][m[r]], members[int(ids[r])][pair_mask[int(ids[r])]])
+            return {}, 0.0
+        monkeypatch.setattr(clip_dp, "dp_step", spy)
+        clip_dp.micro_batch_step(None, {}, {}, members, pair_mask, load_pairs, clip=1.0, noise_std=0.0, per_call=2,
+                                 noise_gen=None)
+        monkeypatch.undo()
+        return seen
+
+    base = inputs(SAMPLE)
+    crop = {int(i): img for imgs, _, who in base.values() for i, img in zip(who, imgs)}
+    for where, x in EXTRA.items():
+        more = inputs(SAMPLE + [x])
+        assert set(more) == set(base) == set(range(9))
+        for j in range(9):
+            if j == slots[x]:  # its own micro-batch: one more pair, the others' crops unchanged
+                imgs, _, who = more[j]
+                assert all(torch.equal(img, crop[int(i)]) for i, img in zip(who, imgs) if int(i) != x), where
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(base[j], more[j])), (where, j)
