@@ -9,8 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 import accountant
+import clip_dp
+import data
+import mae_dp
 from accountant import CanaryAudit, audit_epsilon_lower_bound, audit_p_value
 from conftest import TINY, run_script
 
@@ -79,15 +83,29 @@ def test_bad_counts_raise(kw):
 
 # --- the canaries ------------------------------------------------------------------------------------------------
 
-def test_canaries_join_with_fair_coins_and_are_sampled_at_q():
+def test_canary_rows_of_the_sampled_canaries():
+    """rows(sampled): one row of 10 C per canary that the run's Poisson sample drew (numbered in the order the
+    canaries joined, as data.poisson_batches returns them), along that canary's own coordinate."""
     a = CanaryAudit(4000, seed=3)
     assert abs(a.n_included - 2000) < 4 * math.sqrt(1000)
-    g = np.stack([a.gradients(t, 0.1, clip=2.0) for t in range(50)])  # (steps, m)
-    assert set(np.unique(g)) <= {0.0, 20.0}  # strength 10 x C: clipping has work to do
-    assert not g[:, ~a.included].any()  # a canary that did not join is never sampled
-    rate = (g[:, a.included] > 0).mean()
-    assert abs(rate - 0.1) < 4 * math.sqrt(0.1 * 0.9 / g[:, a.included].size)
-    assert np.array_equal(a.gradients(7, 0.1, 2.0), CanaryAudit(4000, seed=3).gradients(7, 0.1, 2.0))  # resumable
+    joined = np.flatnonzero(a.included)
+    rows = a.rows(np.array([0, 5, a.n_included - 1]), clip=2.0)
+    assert rows.shape == (3, 4000) and rows.dtype == np.float32
+    assert [np.flatnonzero(r).tolist() for r in rows] == [[joined[0]], [joined[5]], [joined[-1]]]
+    assert set(np.unique(rows)) == {0.0, 20.0}  # strength 10 x C: clipping has work to do
+    assert np.array_equal(CanaryAudit(4000, seed=3).included, a.included)  # the same canaries on resume
+    assert not a.rows(np.array([], dtype=np.int64), clip=2.0).any()  # none sampled: nothing added
+
+
+def test_flip_canaries_move_their_coordinate_by_2C():
+    """flip (clip_dp.py): every canary is a unit at every step, -10 C along its coordinate, +10 C when sampled;
+    clipped, its unit moves from -C to +C when it joins: 2C, the sensitivity clip_dp.py's noise sigma 2C covers."""
+    a = CanaryAudit(50, seed=1, flip=True)
+    sampled = np.array([0, 2])
+    rows = a.rows(sampled, clip=1.0)
+    assert rows.shape == (50, 50) and np.array_equal(np.diag(np.diag(rows)), rows)
+    on = np.flatnonzero(a.included)[sampled]
+    assert np.array_equal(np.flatnonzero(np.diag(rows) > 0), np.sort(on)) and set(np.abs(np.diag(rows))) == {10.0}
 
 
 def test_separated_scores_are_flagged_and_noise_is_not():
@@ -127,3 +145,51 @@ def test_audit_flags_a_run_without_noise(tmp_path, script, broken):
         assert a["eps_lower_bound"] > 2.5 and "NOT private" in r.stdout and "VIOLATION" in r.stdout
     else:
         assert a["eps_lower_bound"] <= 1.0 and "consistent with the claim" in r.stdout
+
+
+# --- broken variants the audit must flag: the canaries take the examples' sampler and clipping ---------------------
+
+AUDITED = ["--eps", "1", "--delta", "1e-5", "--steps", "10", "--audit", "1000", "--out", "run"]
+
+
+def audited_summary(M, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    M.main([*TINY[f"{M.__name__}.py"], *AUDITED])
+    return json.loads((tmp_path / "run" / "summary.json").read_text())["audit"]
+
+
+def test_a_run_without_clipping_is_flagged(tmp_path, monkeypatch):
+    """clip_and_sum without its clip factor: the canaries, clipped by the same function, reach the sum at 10 C."""
+    unclipped = lambda grads, keep, clip: ({k: torch.tensordot(keep.to(g.dtype), g.float(), dims=1)
+                                            for k, g in grads.items()}, 0)
+    monkeypatch.setattr(mae_dp, "clip_and_sum", unclipped)
+    a = audited_summary(mae_dp, tmp_path, monkeypatch)
+    assert a["violation"] and a["eps_lower_bound"] > 1.5
+
+
+def test_a_run_that_samples_everything_is_flagged(tmp_path, monkeypatch):
+    """A sampler that ignores q (the whole data at every step) while the accountant counts q: the canaries are
+    drawn by the same call, so they are in every step too."""
+    monkeypatch.setattr(data, "poisson_sample", lambda n, q, *, generator=None, indices=None: torch.arange(n))
+    a = audited_summary(mae_dp, tmp_path, monkeypatch)
+    assert a["violation"] and a["eps_lower_bound"] > 1.5
+
+
+def test_clip_dp_canaries_test_the_2C_sensitivity():
+    """clip_dp.py's noise is sigma 2C because one pair moves its micro-batch's clipped vector by up to 2C. Its
+    canaries realise that worst case (flip): in the released sum a sampled canary's coordinate is 2C above an
+    unsampled one's, so the audit measures noise 2 sigma C against a 2C signal, the claimed noise multiplier sigma
+    (a canary that moved the sum by C would test 2 sigma, and could not see a missing factor 2)."""
+    a = CanaryAudit(40, seed=0, flip=True)
+    sampled = torch.tensor([0, 3, 4])
+    rows = torch.as_tensor(a.rows(sampled, 0.5))
+    members, pair_mask = torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.bool)  # no pair sampled
+    peg = lambda params, buffers, batch: ({"w": torch.zeros(len(batch[0]), 3)}, torch.zeros(len(batch[0])))
+    load_pairs = lambda idx, mask: (torch.zeros(*idx.shape, 1), torch.zeros(*idx.shape, 1), mask)
+    g, _ = clip_dp.micro_batch_step(peg, {"w": torch.zeros(3)}, {}, members, pair_mask, load_pairs, clip=0.5,
+                                    noise_std=0.0, per_call=2, noise_gen=None, canaries=rows)
+    released = g["canaries"] * 4  # the clipped sum (micro_batch_step divides by K = 4)
+    on = np.flatnonzero(a.included)[sampled.numpy()]
+    assert torch.allclose(released[on], torch.full((3,), 0.5), atol=1e-6)
+    off = np.setdiff1d(np.arange(40), on)
+    assert torch.allclose(released[off], torch.full((37,), -0.5), atol=1e-6)  # 2C below: joining moves it by 2C
