@@ -1,10 +1,10 @@
 """torchrun: two CPU processes under gloo, launched as users launch them
 (`python -m torch.distributed.run --nproc_per_node=2 --standalone script.py ...`, i.e. torchrun).
 
-cap_dp.py draws no per-example randomness (teacher forcing, no augmentation), so two processes must end where
-one process does, up to float32 summation order; a noise added on every rank instead of once would not. The
-other scripts augment per example from a stream per rank, so for them: a short run, outputs from rank 0 alone,
-the accountant's epsilon, and a resume."""
+Two processes must end where one process does, up to float32 summation order: the same global Poisson sample,
+one noise draw per step, and each example's augmentation a function of (--seed, step, its index), whichever rank
+computes it; a noise added on every rank instead of once would not. Then: outputs from rank 0 alone, the
+accountant's epsilon, and a resume."""
 import json
 import os
 import subprocess
@@ -99,16 +99,23 @@ def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("script, extra", [("mae_dp.py", []), ("clip_dp.py", []), ("randp.py", ["--lp-steps", "1"])])
 def test_smoke_two_processes(tmp_path, script, extra):
-    r = torchrun(script, "--eps", "4", "--steps", "2", *extra, *tiny_flags(script), "--out", "run", cwd=tmp_path)
+    # --insecure-seed: the same secret sample and noise in both runs, so that they can be compared
+    flags = ["--eps", "4", "--steps", "2", "--insecure-seed", *extra, *tiny_flags(script)]
+    r = torchrun(script, *flags, "--out", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    one = run_script(script, *flags, "--out", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # an example's crops, flips, masks and views are a function of (--seed, step, its index): the same on whichever
+    # rank computes it, so two processes end where one does (a stream per rank, or one stream on every rank, would
+    # give the examples other augmentations than in one process)
+    diff = max_diff(model_of(tmp_path / "one"), model_of(tmp_path / "run"))
+    assert diff < 1e-5, diff
     assert r.stdout.count("done: eps=") == 1 and "Traceback" not in r.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["steps"] == 2 and s["eps"] <= 4
     assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2, delta=s["delta"]))
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2]
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    aug_states = ck["rng"][1]
-    assert len(aug_states) == 2 and not torch.equal(*aug_states)  # one augmentation stream per rank
     if script != "mae_dp.py":
         return
     # resume under torchrun: both ranks load the one checkpoint; epsilon continues (a 3-step plan stopped at 2)
