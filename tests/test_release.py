@@ -1,5 +1,6 @@
 """What a run releases, and why its eps is true: secret sampling and noise, model.pt, a public log, float32
 clipping under autocast, float64 Poisson coins, eps composed over --init, and a stop on a non-finite gradient."""
+import argparse
 import json
 import shutil
 
@@ -41,27 +42,48 @@ def test_two_default_runs_release_different_models(two_default_runs):
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
 
 
-def test_pinned_seed_replays_the_run_exactly(tmp_path):
+def test_pinned_seed_replays_the_run_exactly_and_says_it_is_not_private(tmp_path):
     for out in ("a", "b"):
         r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--insecure-seed", "--out", out, *FLAGS, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert "--insecure-seed" in r.stdout  # the run says that its eps rests on a public seed
     a, b = (weights(tmp_path / r / "model.pt") for r in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # summary.json publishes the seed that replays the sample and the noise: no privacy claim, wherever one is written
+    done = next(l for l in r.stdout.splitlines() if l.startswith("done: eps="))
+    assert "NOT PRIVATE (--insecure-seed" in done
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["private"] is False and "--insecure-seed" in s["not_private_reason"] and s["args"]["seed"] == 0
+    record = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["privacy"]
+    assert record["private"] is False and "--insecure-seed" in record["not_private_reason"]
+    r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "b/model.pt", "--out", "next", *FLAGS,
+                   cwd=tmp_path)  # refused as a DP --init, like an --eps inf run
+    assert r.returncode == 2 and "NOT private run (--insecure-seed" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_secret_seeds_stay_in_the_checkpoint(two_default_runs):
+@pytest.mark.parametrize("M", SCRIPTS, ids=lambda m: m.__name__)
+def test_the_secret_generators_keep_every_bit_of_their_seeds(monkeypatch, M):
+    """Two runs whose OS seeds differ only above bit 32 must draw different samples and noise (a generator seeded
+    by torch's CPU manual_seed would draw the same: it keeps 32 bits)."""
+    args = argparse.Namespace(seed=0, insecure_seed=False)
+    draws = []
+    for seeds in ((123, 456), (123 + 2**32, 456 + 2**32)):
+        monkeypatch.setattr(data, "secret_seeds", lambda pinned=None, seeds=seeds: seeds)
+        sample_gen, noise_gen = M.generators(args, torch.device("cpu"), 1)
+        draws.append((torch.rand(8, generator=sample_gen, dtype=torch.float64), torch.randn(8, generator=noise_gen)))
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+
+
+def test_the_secret_generators_stay_in_the_checkpoint(two_default_runs):
     run = two_default_runs / "a"
+    draws = []
+    for r in ("a", "b"):  # same flags and --seed: the generators' states in the checkpoints draw different numbers
+        sample_state, noise_state, _ = torch.load(two_default_runs / r / "checkpoint.pt", weights_only=True)["rng"]
+        g, h = torch.Generator(), torch.Generator()
+        g.set_state(sample_state)
+        h.set_state(noise_state)
+        draws.append((torch.rand(8, generator=g, dtype=torch.float64), torch.randn(8, generator=h)))
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
-    sample_state, _, noise_state, _ = ck["rng"]
-    seeds = []
-    for state in (sample_state, noise_state):
-        g = torch.Generator()
-        g.set_state(state)
-        seeds.append(g.initial_seed())
-    assert min(seeds) > 2**20  # drawn from the OS, not --seed 0 (or 2)
-    released = (run / "summary.json").read_text() + (run / "metrics.jsonl").read_text()
-    assert not any(str(s) in released for s in seeds)
     model = torch.load(run / "model.pt", weights_only=True)
     assert set(model) == {"model", "privacy", "script"}  # no generator state, no optimizer, no args
     assert all(torch.equal(v, ck["model"][k]) for k, v in model["model"].items())
@@ -78,6 +100,8 @@ def test_the_log_holds_only_released_values_unless_asked(two_default_runs, tmp_p
     lines = [json.loads(l) for l in (two_default_runs / "a" / "metrics.jsonl").read_text().splitlines()]
     s = json.loads((two_default_runs / "a" / "summary.json").read_text())
     assert lines and all("loss" not in l and "batch" not in l for l in lines)
+    # the time grows with the number of physical batches, i.e. with the secret sample: not released either
+    assert all("time" not in l for l in lines) and not [k for k in s if "time" in k]
     assert all(l["noisy_grad_norm"] > 0 for l in lines)
     # each line's eps is the eps spent by its step, not the run's final one
     assert [l["eps"] for l in lines] == pytest.approx(
@@ -85,7 +109,7 @@ def test_the_log_holds_only_released_values_unless_asked(two_default_runs, tmp_p
     r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--log-private", "--out", "p", *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
-    assert all(l["private"] and l["loss"] > 0 and l["batch"] > 0 for l in lines)
+    assert all(l["private"] and l["loss"] > 0 and l["batch"] > 0 and l["time"] > 0 for l in lines)
 
 
 # --- 4: float32 clipping under autocast: one example moves the released sum by at most C ---
@@ -245,7 +269,11 @@ def test_a_run_without_noise_is_recorded_as_not_private_and_refused_as_init(two_
     shutil.copytree(two_default_runs / "runs", tmp_path / "runs")  # the ViP-Syn cache
     r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--debug-no-noise", "--out", "bad", *FLAGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(tmp_path / "bad" / "model.pt", weights_only=True)["privacy"]["private"] is False
+    done = next(l for l in r.stdout.splitlines() if l.startswith("done: eps="))
+    assert "NOT PRIVATE (--debug-no-noise" in done
+    record = torch.load(tmp_path / "bad" / "model.pt", weights_only=True)["privacy"]
+    assert record["private"] is False and "--debug-no-noise" in record["not_private_reason"]
+    assert json.loads((tmp_path / "bad" / "summary.json").read_text())["private"] is False
     r = run_script("mae_dp.py", "--eps", "4", "--steps", "2", "--init", "bad/model.pt", "--out", "next", *FLAGS,
                    cwd=tmp_path)
     assert r.returncode == 2 and "NOT private" in r.stderr and "Traceback" not in r.stderr
