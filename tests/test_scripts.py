@@ -182,8 +182,40 @@ def test_eps_inf_is_a_non_private_reference(tmp_path, script):
     """--eps inf: the same run without clipping, noise or accountant; it says so and records private: false."""
     r = run_script(script, "--eps", "inf", *tiny(script, 2), "--out", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["private"] is False and s["eps"] == float("inf") and s["sigma"] == 0 and s["steps"] == 2
+    # strict JSON: an infinite eps is null (json.loads would take Infinity; this parser refuses it)
+    s = strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert s["private"] is False and s["eps"] is None and s["sigma"] == 0 and s["steps"] == 2
+    assert s["target_eps"] is None and s["args"]["eps"] is None and "--eps inf" in s["not_private_reason"]
+    assert all(strict_json(l)["eps"] is None for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert "NOT PRIVATE" in r.stdout
     release = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert release["privacy"]["private"] is False  # a file refused as a private --init (test_release.py)
+    assert strict_json(json.dumps(release["privacy"]))["eps"] is None
+
+
+def strict_json(text):
+    """json.loads that refuses Infinity and NaN, which are not JSON (Python writes and reads them by default)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@each_script
+@pytest.mark.parametrize("typed", [["--eps", "8"], ["--steps", "60"], ["--seed", "0", "--clip", "1"],
+                                   ["--insecure-seed"]], ids=["eps-default", "steps", "seed-clip", "insecure"])
+def test_resume_refuses_a_typed_flag_that_differs_from_the_run(smoke_run, tmp_path, monkeypatch, script, typed):
+    """The checkpoint's run is at eps 4 (4 steps, seed 0, clip 1): a flag typed with --resume is compared with it
+    even when typed at its default value (--eps 8 is every script's default), and one that differs is refused."""
+    cwd, _ = smoke_run(script)
+    shutil.copytree(cwd / "run", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    resume = ["--out", "run", "--resume", *typed]
+    if typed[:2] == ["--seed", "0"]:  # typed and equal to the run's (seed 0, clip 1): accepted
+        args, ckpt = MODULES[script].resumed(*MODULES[script].parse_args(resume), tmp_path / "run")
+        assert ckpt["step"] == 4 and args.eps == 4 and args.steps == 4
+        return
+    with pytest.raises(ValueError, match=typed[0]) as e:
+        MODULES[script].main(resume)
+    assert "\n" not in str(e.value) and "differ" in str(e.value)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before  # nothing written
