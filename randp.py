@@ -17,10 +17,12 @@ prior and 200 private steps of B = 512 (20 of them linear probe), so one run tak
 MNIST and CIFAR-10 commands below trade batch for steps (B = 256), sized to a CPU time budget; the paper's
 WRN-16-4, batch 4096, 875 steps, K = 16 is the last command (a GPU). What differs from De et al.'s WRN so that a
 few hundred steps learn: one channel per GroupNorm group and He init (see norm(), WRN). The learning rates,
-momentum, --lp-steps and the batch/steps trade were chosen on a public proxy, the embedded shapes set
-(docs/RESULTS.md, docs/SWEEP_randp.md), never on the data reported; so were the non-private reference's (--eps inf:
-lr 0.05, lp-lr 0.05, momentum 0.9): clipping bounds every DP step, and unclipped the DP learning rates diverge
-along the sharpest direction of the loss (docs/randp_sharpness.py). data.py's random-process generators stand in
+momentum, --lp-steps and the batch/steps trade were chosen on the embedded shapes set at the default seed 0
+(docs/RESULTS.md): public data for the MNIST and CIFAR-10 runs reported, but the private set of a bare
+`python randp.py`, whose eps does not cover that tuning (README, "What the ε does not cover"). The non-private
+reference's (--eps inf: lr 0.05, lp-lr 0.05, momentum 0.9) were chosen on the proxy drawn at --seed 1
+(docs/SWEEP_randp.md): clipping bounds every DP step, and unclipped the DP learning rates diverge along the
+sharpest direction of the loss (docs/randp_sharpness.py). data.py's random-process generators stand in
 for the paper's StyleGAN-Oriented images. The model takes the private set's channels and its prior is learned on
 random-process images in those channels (grey sets such as MNIST: their BT.601 luma), so a grey set is not
 fine-tuned from a prior that only ever saw colour. Phase I is public compute, cached per flags in runs/cache/
