@@ -538,8 +538,8 @@ def resumed(parser, args, out, older=None):
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {run.get(k)})" for k in changed)
         raise ValueError(f"--resume continues the checkpoint's run with its flags; these differ from it: {flags}")
-    return argparse.Namespace(**{**run, **{k: getattr(args, k) for k in typed if k in free}, "out": str(out),
-                                 "resume": True}), ckpt
+    return argparse.Namespace(**{**run, "out": str(out), "resume": True, "device": args.device,
+                                 "log_every": args.log_every if "log_every" in typed else run["log_every"]}), ckpt
 
 
 def start(args, out, ckpt, device):

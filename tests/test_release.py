@@ -373,3 +373,33 @@ def test_adding_a_pair_leaves_the_other_micro_batches_bit_equal(monkeypatch, tmp
                 assert all(torch.equal(img, crop[int(i)]) for i, img in zip(who, imgs) if int(i) != x), where
             else:
                 assert all(torch.equal(a, b) for a, b in zip(base[j], more[j])), (where, j)
+
+
+# --- 9: a resumed run is the run: the same weights as one that was never stopped ---
+
+class Killed(Exception):
+    """Raised right after the first checkpoint is written: the run stops there, as a killed one would."""
+
+
+@pytest.mark.parametrize("M", [mae_dp, clip_dp, randp], ids=lambda m: m.__name__)
+def test_a_resumed_run_ends_exactly_where_an_unbroken_one_does(M, tmp_path, monkeypatch):
+    """The checkpoint holds the secret generators' states and the step (each example's augmentation is a function
+    of the step): stopped at step 2 and resumed, a run ends with the weights of the same run never stopped.
+    --insecure-seed gives both runs the same secret streams."""
+    flags = [*TINY[f"{M.__name__}.py"], "--eps", "4", "--steps", "4", "--insecure-seed",
+             *(["--lp-steps", "1"] if M is randp else [])]
+    monkeypatch.chdir(tmp_path)
+    M.main([*flags, "--out", "whole"])
+    write = M.save_checkpoint
+
+    def write_then_stop(*args, **kw):
+        write(*args, **kw)
+        raise Killed
+    monkeypatch.setattr(M, "save_checkpoint", write_then_stop)
+    with pytest.raises(Killed):
+        M.main([*flags, "--out", "cut"])
+    monkeypatch.setattr(M, "save_checkpoint", write)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    M.main(["--out", "cut", "--resume"])
+    a, b = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
