@@ -20,12 +20,13 @@ group, so one pair can change every micro-batch. Here the split does not depend 
 each step, every pair joins the sample with probability q = B/N (Poisson, as in DP-SGD) and, independently, picks
 one of K = round(B/m) micro-batches uniformly at random (K comes from the flags, not the data). Condition on
 everything about the other pairs (whether they were sampled, where they went, their crops) and on the micro-batch
-j that x would join: all of it is distributed the same with or without x. Given it, if x is not sampled the sum is
-unchanged; if it is, only micro-batch j changes, and its clipped gradient moves from one vector of norm <= C to
-another: by at most 2C. So each step is
-the Poisson-subsampled Gaussian mechanism with sensitivity 2C; noise N(0, (2C sigma)^2 I) on the sum makes it
-exactly the mechanism the RDP accountant analyses at noise multiplier sigma (Mironov, Talwar & Zhang 2019), and
-(eps, delta) follow as for DP-SGD. (Rényi divergence of the mixtures over the conditioning is at most its worst
+j that x would join: all of it is distributed the same with or without x (a pair's crop is a function of --seed,
+the step and its own index, data.ExampleRandom, never of the other pairs or of the order of the vmap calls).
+Given it, if x is not sampled the sum is unchanged; if it is, only micro-batch j changes, and its clipped gradient
+moves from one vector of norm <= C to another: by at most 2C. So each step is the Poisson-subsampled Gaussian
+mechanism with sensitivity 2C; noise N(0, (2C sigma)^2 I) on the sum makes it exactly the mechanism the RDP
+accountant analyses at noise multiplier sigma (Mironov, Talwar & Zhang 2019), and (eps, delta) follow as for
+DP-SGD. (Rényi divergence of the mixtures over the conditioning is at most its worst
 case, by joint quasi-convexity.) The 2 does not cancel: a micro-batch gradient is not a sum over its pairs, so
 "remove x" can turn one clipped vector into a quite different one, not into zero. Dividing by K, a public
 constant, is post-processing. Micro-batch sizes vary (about m on average); each is padded with masked slots that

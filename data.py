@@ -2,14 +2,16 @@
 
 Every script imports this file and nothing else for data. It holds, in this order:
 - Poisson sampling and the logical/physical batch split that DP-SGD's accounting assumes (rule 1), and the
-  secret seeds of the sampling and noise generators (rule 3);
+  secret seeds of the sampling and noise generators and the generators that keep all of them (rule 3);
 - the one dataset type every loader returns (ImageDataset) and the fixed pixel conventions;
 - "shapes", an embedded labelled and captioned set of procedurally drawn scenes (no files, no network);
 - random-process image generators (dead leaves, spectral 1/f^a noise, "shaders"): the public priors of ViP
   (Yu et al. 2023, synthetic Shaders21k pre-training) and DP-RandP (Tang et al. 2023, after Baradad et al.
   2021 "Learning to see by looking at noise"), simplified to vectorised torch so they run on the fly;
 - a PNG grid to look at a batch (`python data.py grid`);
-- batched torch augmentations and a byte-level tokenizer that reads no data (rule 4);
+- batched torch augmentations, drawing for private data from each example's own random stream (ExampleRandom:
+  a function of the public seed, the step and the example's index, never of the other examples sampled; rule 3),
+  and a byte-level tokenizer that reads no data (rule 4);
 - the linear probe the scripts evaluate with;
 - the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
   device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume;

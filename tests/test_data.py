@@ -264,7 +264,8 @@ def mix64_reference(z):
 
 
 def example_uniform_reference(seed, step, i, j):
-    """Draw j of example i at (seed, step): h = mix(mix(mix(seed + g) + step + g) + i + g), u = mix(h + (j+1) g) >> 11."""
+    """Draw j of example i at (seed, step): h = mix(mix(mix(seed + g) + step + g) + i + g), u = the top 53 bits of
+    mix(h + (j + 1) g), in [0, 1)."""
     golden, h = 0x9E3779B97F4A7C15, 0
     for word in (seed, step, i):
         h = mix64_reference((h + word + golden) & MASK64)
