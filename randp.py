@@ -514,8 +514,8 @@ def privacy_plan(args, private, audit, earlier, detail=""):
     if earlier["note"]:
         print(earlier["note"] + (f" (eps {plan['prior_eps']:.3f} spent before this run)" if earlier["prior"] else ""))
     if args.insecure_seed:
-        print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which is public; the eps "
-              "printed holds only while that seed stays secret (for tests that replay a run)")
+        print("WARNING: --insecure-seed: the Poisson sample and the noise follow --seed, which summary.json "
+              "publishes: this run is NOT private, whatever eps it prints (for tests that replay a run)")
     if args.eps == math.inf:
         print("NOT PRIVATE: --eps inf trains without clipping or noise, the reference a DP run is measured against")
     return plan, n_total
