@@ -21,7 +21,7 @@ What is simplified: add/remove-one adjacency under Poisson sampling only (what d
 eps is minimised over a fixed grid of orders (DEFAULT_ORDERS), so it is an upper bound, never an estimate.
 
   python accountant.py --q 0.004267 --sigma 1.1 --steps 14062 --delta 1e-5   # eps = 2.5968, best order 8.1 (<1 s)
-  python accountant.py --eps 3 --batch-size 256 --n 60000 --epochs 60        # sigma = 1.0141 (<1 s)
+  python accountant.py --eps 3 --batch-size 256 --n 60000 --epochs 60        # delta 1/(2N): sigma = 1.0193 (<1 s)
   python tests/bench.py accountant                                          # ms per epsilon / calibrate call
 
 The DP-SGD paper's MNIST setting (Abadi et al. 2016: q = 256/60000, sigma = 1.1, 60 epochs, delta = 1e-5):
@@ -42,7 +42,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["DEFAULT_ORDERS", "rdp_subsampled_gaussian", "epsilon_from_rdp", "epsilon", "calibrate_sigma",
-           "RDPAccountant", "dp_sgd_plan", "audit_p_value", "audit_epsilon_lower_bound", "CanaryAudit"]
+           "RDPAccountant", "dp_sgd_plan", "noise_to_signal", "audit_p_value", "audit_epsilon_lower_bound", "CanaryAudit"]
 
 # Orders alpha at which RDP is tracked. A superset of the usual coarse grid (1.1, 1.2, ..., 10.9, 12, ..., 63), so
 # the minimum over it is never looser than that grid's; steps of 0.05 up to 11 and 0.01 near 1 (large eps, few
@@ -582,6 +582,29 @@ def dp_sgd_plan(*, target_eps, n, batch_size, steps, delta=None, prior=None):
             "prior_eps": prior_eps}
 
 
+def noise_to_signal(*, sigma, trained, units, mult=1):
+    """A DP-SGD step's noise/signal budget, known before the first step: mult * sigma * sqrt(d) / K.
+
+    Each step adds Gaussian noise of norm about mult * sigma * C * sqrt(d) (d trained parameters; mult = 1, or 2 for
+    clip_dp.py's micro-batches of sensitivity 2C) to a sum of K clipped units (examples, or micro-batches), whose
+    norm is at most K * C, reached only when every unit points the same way. So this ratio is the best case: near 1
+    or above, the noise drowns even perfectly aligned gradients and the run cannot learn much, whatever the
+    learning rate; at about 0.2 or below a run tracks its --eps inf ceiling. The levers are K (a larger expected
+    batch), d (train fewer parameters, from a public initialisation) and sigma (a larger N at the same batch).
+    Real per-example gradients disagree, so the real signal is smaller than K * C: scripts log the norm of the
+    average clipped gradient with --log-private (it reads the private data). sigma = 0 (--eps inf) gives 0.
+
+    >>> round(noise_to_signal(sigma=0.5, trained=40_000, units=1_000), 3)
+    0.1
+    >>> noise_to_signal(sigma=0.6, trained=90_000, units=1_024, mult=2)  # 2 * 0.6 * 300 / 1024
+    0.3515625
+    """
+    if not (isinstance(trained, (int, np.integer)) and trained >= 1 and units > 0 and mult > 0 and sigma >= 0):
+        raise ValueError(f"noise_to_signal needs d >= 1, K > 0, mult > 0, sigma >= 0; got d={trained}, K={units}, "
+                         f"mult={mult}, sigma={sigma}")
+    return mult * sigma * math.sqrt(trained) / units
+
+
 def init_prior(checkpoint, *, path, disjoint=False):
     """What starting from an earlier run's weights (`--init PATH`) costs this run (rule 4: eps composes over every
     DP run that touched the same data). checkpoint: the loaded file. Returns {"prior", "note", "pipeline"}: prior
@@ -899,7 +922,8 @@ def main(argv=None):
     mode = g.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sigma", type=float, help="noise multiplier sigma: print the eps it gives")
     mode.add_argument("--eps", type=float, help="target eps: print the smallest sigma that reaches it")
-    g.add_argument("--delta", type=float, default=1e-5, help="delta of the (eps, delta) guarantee")
+    g.add_argument("--delta", type=float, default=None,
+                   help="delta of the (eps, delta) guarantee; default 1/(2N) with --n, as in every script")
     g.add_argument("--q", type=float, default=None, help="sampling rate (or give --batch-size and --n)")
     g.add_argument("--steps", type=int, default=None, help="number of steps (or give --epochs)")
     d = p.add_argument_group("from the data set (instead of --q / --steps)")
@@ -915,12 +939,15 @@ def main(argv=None):
                 raise ValueError("give --q or --batch-size with --n, not both")
             if not 0 < args.batch_size <= args.n:
                 raise ValueError(f"need 0 < --batch-size <= --n, got {args.batch_size} and {args.n}")
+            args.delta = 1 / (2 * args.n) if args.delta is None else args.delta  # the scripts' default
             if args.delta >= 1 / args.n:  # as dp_sgd_plan refuses it: delta >= 1/N allows releasing an example
                 raise ValueError(f"--delta {args.delta:g} must be < 1/N = {1 / args.n:.3g} (N={args.n}): give a "
                                  f"smaller --delta")
             args.q = args.batch_size / args.n
         if args.q is None:
             raise ValueError("give --q, or --batch-size with --n")
+        if args.delta is None:
+            raise ValueError("--q without --n: give --delta (with --n it defaults to 1/(2N), as in every script)")
         if args.steps is None:
             if args.epochs is None or args.batch_size is None:
                 raise ValueError("give --steps, or --epochs with --batch-size and --n")

@@ -294,8 +294,24 @@ def test_cli_eps_and_sigma():
     assert f"eps = {eps:.4f}" in r.stdout and "best order 8.1" in r.stdout
     r = run_cli("--eps", "3", "--batch-size", "256", "--n", "60000", "--epochs", "60")  # q = B/N, steps = ceil(E N/B)
     assert r.returncode == 0, r.stderr
-    sigma = acc.calibrate_sigma(target_eps=3, q=256 / 60000, steps=14063, delta=1e-5)
-    assert f"sigma = {sigma:.4f}" in r.stdout and "steps = 14063" in r.stdout
+    sigma = acc.calibrate_sigma(target_eps=3, q=256 / 60000, steps=14063, delta=1 / 120000)  # the scripts' 1/(2N)
+    assert f"sigma = {sigma:.4f}" in r.stdout and "steps = 14063" in r.stdout and "delta = 8.33333e-06" in r.stdout
+
+
+def test_cli_delta_defaults_as_in_the_scripts_and_q_alone_needs_one():
+    r = run_cli("--eps", "3", "--q", "0.01", "--steps", "100")  # no N: no default delta to take
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "--delta" in r.stderr
+    plan = acc.dp_sgd_plan(target_eps=3, n=60000, batch_size=256, steps=14063)
+    r = run_cli("--eps", "3", "--batch-size", "256", "--n", "60000", "--steps", "14063")
+    assert r.returncode == 0 and f"sigma = {plan['sigma']:.4f}" in r.stdout and f"delta = {plan['delta']:g}" in r.stdout
+
+
+def test_noise_to_signal_against_the_hand_computation():
+    assert acc.noise_to_signal(sigma=0.555, trained=90_000, units=1024, mult=2) == 2 * 0.555 * 300 / 1024
+    assert acc.noise_to_signal(sigma=1.0, trained=10_000, units=100) == 1.0  # sqrt(d) = K: noise as large as the best signal
+    assert acc.noise_to_signal(sigma=0.0, trained=5, units=3) == 0.0  # --eps inf
+    with pytest.raises(ValueError):
+        acc.noise_to_signal(sigma=0.5, trained=0, units=3)
 
 
 @pytest.mark.parametrize("args", [
