@@ -308,7 +308,7 @@ def test_cli_delta_defaults_as_in_the_scripts_and_q_alone_needs_one():
 
 def test_noise_to_signal_against_the_hand_computation():
     assert acc.noise_to_signal(sigma=0.555, trained=90_000, units=1024, mult=2) == 2 * 0.555 * 300 / 1024
-    assert acc.noise_to_signal(sigma=1.0, trained=10_000, units=100) == 1.0  # sqrt(d) = K: noise as large as the best signal
+    assert acc.noise_to_signal(sigma=1.0, trained=10_000, units=100) == 1.0  # sqrt(d) = K: noise = best signal
     assert acc.noise_to_signal(sigma=0.0, trained=5, units=3) == 0.0  # --eps inf
     with pytest.raises(ValueError):
         acc.noise_to_signal(sigma=0.5, trained=0, units=3)
