@@ -568,7 +568,7 @@ def start(args, out, ckpt, device):
 def private_set(args, shapes_n=20000):
     """The private training set (--data, --n): a seeded subset of n examples, or all; the embedded set draws
     shapes_n. A subset never silently becomes the whole set."""
-    n_default = shapes_n if args.data in ("shapes", "shapes-grey") else None
+    n_default = shapes_n if args.data in data.EMBEDDED else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
@@ -770,7 +770,7 @@ def main(argv=None):
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
-    if args.data == "shapes":
+    if args.data in data.EMBEDDED:
         private.captions = data.shapes_captions(private.captions, args.captions)
     data.check_captions(private, flag=f"--data {args.data}")
     # the evaluation sets are opened before training (their labels are read only after it), so that one the
@@ -880,7 +880,7 @@ def main(argv=None):
     caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
     refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
-    refs = data.shapes_captions(refs, args.captions) if args.probe_data == "shapes" else refs
+    refs = data.shapes_captions(refs, args.captions) if args.probe_data in data.EMBEDDED else refs
     summary = dict(method="DP-Cap (cap_dp.py)", batch_size=batch_size, init=args.init, probe_data=probe_train.name,
                    probe_accuracy_not_private=acc, zero_shot_accuracy_not_private=zs,
                    zero_shot_chance=1 / len(probe_test.classes),

@@ -615,7 +615,7 @@ def start(args, out, ckpt, device):
 def private_set(args, shapes_n=20000):
     """The private training set (--data, --n): a seeded subset of n examples, or all; the embedded set draws
     shapes_n. A subset never silently becomes the whole set."""
-    n_default = shapes_n if args.data in ("shapes", "shapes-grey") else None
+    n_default = shapes_n if args.data in data.EMBEDDED else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")
@@ -812,7 +812,7 @@ def main(argv=None):
     private = private_set(args)
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
-    if args.data == "shapes":
+    if args.data in data.EMBEDDED:
         private.captions = data.shapes_captions(private.captions, args.captions)
     data.check_captions(private, flag=f"--data {args.data}")
     if args.size % args.patch:
@@ -831,7 +831,7 @@ def main(argv=None):
                                  seed=args.seed + 200)
     if held_out.captions is None:
         raise ValueError(f"--retrieval-data {args.retrieval_data} has no captions")
-    if args.retrieval_data == "shapes":  # retrieved in the training captions' style
+    if args.retrieval_data in data.EMBEDDED:  # retrieved in the training captions' style
         held_out.captions = data.shapes_captions(held_out.captions, args.captions)
     K = max(1, round(args.batch_size / args.micro_batch))  # micro-batches per step: public, from the flags alone
     if K < world:  # torchrun: every rank computes at least one micro-batch

@@ -268,7 +268,7 @@ def _uniform(shape, lo, hi, g):
 
 
 # -----------------------------------------------------------------------------
-# the embedded "shapes" dataset: one to three objects on a textured background, labelled and captioned
+# the embedded "shapes" dataset: one object on a textured background ("shapes3": one to three), labelled and captioned
 
 SHAPE_CLASSES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart", "crescent", "hexagon"]
 COLOURS = {  # saturated named colours, so a caption can name them and a background (muted) rarely matches
@@ -323,8 +323,10 @@ def _position_words(cx, cy):
     return "in the centre"
 
 
-def _draw_shapes(n, size, g):
-    """n scenes -> (uint8 [n, 3, S, S], labels [n], captions). Vectorised over the batch for each object slot."""
+def _draw_shapes(n, size, g, objects=3):
+    """n scenes of 1 to `objects` objects -> (uint8 [n, 3, S, S], labels [n], captions). Vectorised over the batch
+    for each object slot. Every scene draws the same random numbers whatever `objects` is, so a one-object scene
+    is its 1-3-object twin's main object and background without the smaller distractors."""
     S = size
     coords = (torch.arange(S, dtype=torch.float32) + 0.5) / S  # pixel centres in (0, 1)
     # background: a muted colour with a random texture (stripes, checks or blotchy noise)
@@ -342,7 +344,7 @@ def _draw_shapes(n, size, g):
     texture = torch.where(kind == 0, stripes, torch.where(kind == 1, checks, blotch.clamp(-1.5, 1.5)))
     img = base + _uniform((n, 1, 1, 1), 8, 30, g) * texture[:, None]  # [n, 3, S, S]
 
-    n_obj = torch.randint(1, 4, (n,), generator=g)
+    n_obj = torch.randint(1, 4, (n,), generator=g).clamp(max=objects)
     cls = torch.randint(0, len(SHAPE_CLASSES), (n, 3), generator=g)
     col = torch.randint(0, len(COLOURS), (n, 3), generator=g)
     # slot 0 is the largest object (the label); distractors are strictly smaller, so the label is never a tie
@@ -358,6 +360,8 @@ def _draw_shapes(n, size, g):
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
     rgb = palette[col] + _uniform((n, 3, 3), -15, 15, g)  # [n, slot, 3]
     for k in (2, 1, 0):  # the largest (labelled) object last: distractors never hide it
+        if not (n_obj > k).any():  # an empty slot in every scene draws nothing (the same images, sooner)
+            continue
         dx = (coords[None, None, :] - cx[:, k, None, None]) / radius[:, k, None, None]  # [n, 1, S]
         dy = (coords[None, :, None] - cy[:, k, None, None]) / radius[:, k, None, None]  # [n, S, 1]
         c, s = torch.cos(rot[:, k, None, None]), torch.sin(rot[:, k, None, None])
@@ -402,22 +406,25 @@ def shapes_captions(captions, style="full"):
 
 
 @lru_cache(maxsize=8)
-def _shapes_cached(seed, split, size, n):
+def _shapes_cached(seed, split, size, n, objects):
     chunks = []
     for c in range(math.ceil(n / _CHUNK)):
         g = torch.Generator().manual_seed(_seed_from("shapes", seed, split, size, c))
-        chunks.append(_draw_shapes(_CHUNK, size, g))  # always whole chunks: vectorised draws depend on shape
+        chunks.append(_draw_shapes(_CHUNK, size, g, objects))  # always whole chunks: vectorised draws depend on shape
     images = torch.cat([ch[0] for ch in chunks])[:n]
     labels = torch.cat([ch[1] for ch in chunks])[:n]
     captions = [cap for ch in chunks for cap in ch[2]][:n]
     return images.clone(), labels.clone(), captions
 
 
-def shapes(split="train", *, size=32, n=None, seed=0):
+def shapes(split="train", *, size=32, n=None, seed=0, objects=1):
     """The embedded scenes: uint8 RGB, labels = class of the largest object, one English caption each.
 
-    Deterministic from (seed, split, size); train and test draw from separate seed streams, so they share no
-    example. n defaults to 10,000 (train) / 2,000 (test). Cached in memory per (seed, split, size, n).
+    objects=1 (the "shapes" set): one object per scene, the default private set of every script, on which small
+    models learn the label within CPU minutes, with DP too. objects=3 ("shapes3"): one to three objects, the
+    label being the largest, a harder set. Deterministic from (seed, split, size); train and test draw from
+    separate seed streams, so they share no example. n defaults to 10,000 (train) / 2,000 (test). Cached in memory
+    per (seed, split, size, n, objects).
     """
     if split not in SHAPES_N:
         raise DataError(f"shapes: unknown split {split!r} (use train or test)")
@@ -426,8 +433,9 @@ def shapes(split="train", *, size=32, n=None, seed=0):
         raise DataError(f"shapes: n must be positive, got {n}")
     if size < 8:
         raise DataError(f"shapes: size must be at least 8, got {size}")
-    images, labels, captions = _shapes_cached(int(seed), split, int(size), n)
-    return ImageDataset(f"shapes-{split}", size=size, channels=3, pixels=images, labels=labels,
+    images, labels, captions = _shapes_cached(int(seed), split, int(size), n, int(objects))
+    name = "shapes" if objects == 1 else f"shapes{objects}"
+    return ImageDataset(f"{name}-{split}", size=size, channels=3, pixels=images, labels=labels,
                         classes=list(SHAPE_CLASSES), captions=list(captions))
 
 
@@ -1556,9 +1564,12 @@ def _detect(path, split, size):
             return read(path, split, size, hit)
 
 
+EMBEDDED = ("shapes", "shapes3", "shapes-grey")  # the names load_dataset draws instead of reading files
+
+
 def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=0):
-    """"shapes" (embedded), "shapes-grey" (the same, 1 channel, no captions) or a path to real data (format
-    detected) -> ImageDataset.
+    """"shapes" (embedded, one object per scene), "shapes3" (one to three objects), "shapes-grey" (shapes in 1
+    channel, no captions) or a path to real data (format detected) -> ImageDataset.
 
     Formats: CIFAR-10/100 pickles (folder or .tar.gz), MNIST/Fashion-MNIST IDX (raw or .gz; 1 channel), image
     folders (root[/train|test]/<class>/*.jpg), COCO (annotations/captions_<split>*.json + images; one example per
@@ -1568,8 +1579,8 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     (shapes: generate n). seed: the shapes seed, and for real data the seed of that subset. Images are resized
     (short side) and centre-cropped to size x size.
     """
-    if path_or_name == "shapes":
-        return shapes(split, size=size, n=n, seed=seed)
+    if path_or_name in ("shapes", "shapes3"):
+        return shapes(split, size=size, n=n, seed=seed, objects=1 if path_or_name == "shapes" else 3)
     if path_or_name == "shapes-grey":  # the same scenes as BT.601 luma: a public proxy for grey sets (MNIST-like);
         ds = shapes(split, size=size, n=n, seed=seed)  # labels only, as the captions name colours
         return ImageDataset(f"shapes-grey-{split}", size=size, channels=1, pixels=to_grey(ds.images(range(len(ds)))),

@@ -479,7 +479,7 @@ def start(args, out, ckpt, device):
 def private_set(args, shapes_n=20000):
     """The private training set (--data, --n): a seeded subset of n examples, or all; the embedded set draws
     shapes_n. A subset never silently becomes the whole set."""
-    n_default = shapes_n if args.data in ("shapes", "shapes-grey") else None
+    n_default = shapes_n if args.data in data.EMBEDDED else None
     private = data.load_dataset(args.data, split="train", size=args.size, n=args.n or n_default, seed=args.seed)
     if args.n and len(private) < args.n:
         raise ValueError(f"--n {args.n}: --data {args.data} has only {len(private)} examples")

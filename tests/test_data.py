@@ -47,6 +47,20 @@ def test_shapes_fields_and_captions():
     assert data.SHAPES_N == {"train": 10_000, "test": 2_000} and len(load_dataset("shapes", split="test")) == 2_000
 
 
+def test_shapes_has_one_object_and_shapes3_up_to_three_with_the_same_main_object():
+    one, three = load_dataset("shapes", split="test", n=500, seed=2), load_dataset("shapes3", split="test", n=500, seed=2)
+    assert one.name == "shapes-test" and three.name == "shapes3-test"
+    assert not any(" and " in c for c in one.captions)  # one phrase: one object
+    counts = [1 + c.count(",") + c.count(" and ") for c in three.captions]
+    assert set(counts) == {1, 2, 3}
+    # the same draws: the one-object scene is its twin's main object and background, without the distractors
+    assert torch.equal(one.labels, three.labels)
+    assert all(c3.startswith(c1) for c1, c3 in zip(one.captions, three.captions))
+    alone = torch.tensor([n == 1 for n in counts])
+    assert torch.equal(one.images(torch.arange(500))[alone], three.images(torch.arange(500))[alone])
+    assert not torch.equal(one.images(torch.arange(500))[~alone], three.images(torch.arange(500))[~alone])
+
+
 def test_shapes_splits_disjoint():
     def hashes(ds):
         x = ds.images(torch.arange(len(ds))).numpy()
