@@ -784,3 +784,19 @@ def test_shapes_captions_keep_shapes_and_sizes_only():
     assert data.shapes_captions(pinned, "shapes") == ["a large circle and a small star", "a heart"]
     with pytest.raises(data.DataError, match="caption style"):
         data.shapes_captions(ds.captions, "colours")
+
+
+def test_word_tokenizer_hashes_words_with_no_collision_among_the_embedded_ones():
+    tok = data.WordTokenizer()
+    words = data.embedded_words()
+    assert tok.vocab_size == 259 and len({tok.word_id(w) for w in words}) == len(words)
+    # an independent reference for one word: 3 + blake2b-64 (little-endian) mod 256
+    ref = 3 + int.from_bytes(hashlib.blake2b(b"circle", digest_size=8).digest(), "little") % 256
+    assert tok.word_id("circle") == ref
+    ids = tok.encode(["A large Circle.", "an orange star at the top left and a small ring"], 6)
+    assert ids.shape == (2, 6) and ids[0].tolist() == [1, tok.word_id("a"), tok.word_id("large"), ref, 2, 0]
+    assert ids[1, -1] == tok.EOS  # cut to max_len, EOS kept
+    assert tok.decode(ids, words) == ["a large circle", "an orange star at"]
+    assert tok.decode(ids[0], ["a"]) == [f"a <{tok.word_id('large')}> <{ref}>"]  # unlisted ids stay ids
+    with pytest.raises(ValueError):
+        tok.encode(["a"], 1)
