@@ -42,7 +42,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["DEFAULT_ORDERS", "rdp_subsampled_gaussian", "epsilon_from_rdp", "epsilon", "calibrate_sigma",
-           "RDPAccountant", "dp_sgd_plan", "noise_to_signal", "audit_p_value", "audit_epsilon_lower_bound",
+           "RDPAccountant", "dp_sgd_plan", "noise_to_signal", "noise_budget", "audit_p_value", "audit_epsilon_lower_bound",
            "CanaryAudit"]
 
 # Orders alpha at which RDP is tracked. A superset of the usual coarse grid (1.1, 1.2, ..., 10.9, 12, ..., 63), so
@@ -604,6 +604,23 @@ def noise_to_signal(*, sigma, trained, units, mult=1):
         raise ValueError(f"noise_to_signal needs d >= 1, K > 0, mult > 0, sigma >= 0; got d={trained}, K={units}, "
                          f"mult={mult}, sigma={sigma}")
     return mult * sigma * math.sqrt(trained) / units
+
+
+def noise_budget(*, sigma, trained, units, mult=1):
+    """noise_to_signal as every script prints and saves it before training: ({"trained_parameters", "units_per_step",
+    "sigma", "mult", "ratio"}, one line saying what the ratio means)."""
+    ratio = noise_to_signal(sigma=sigma, trained=trained, units=units, mult=mult)
+    times = f" x {mult:g} (sensitivity {mult:g}C)" if mult != 1 else ""
+    if ratio == 0:
+        verdict = "no noise (--eps inf)"
+    elif ratio >= 1:
+        verdict = ("ABOVE 1: the noise drowns even perfectly aligned gradients, this run cannot learn much (raise the "
+                   "batch, train fewer parameters, or add data)")
+    else:
+        verdict = "the noise over the best-case signal; near 1 a run cannot learn, at ~0.2 it tracks its ceiling"
+    line = (f"noise/signal budget: d={trained:,} trained parameters, K={units:,.0f} clipped units per step, "
+            f"sigma={sigma:.4f}{times}: {mult:g}*sigma*sqrt(d)/K = {ratio:.3f}, {verdict}")
+    return dict(trained_parameters=int(trained), units_per_step=units, sigma=sigma, mult=mult, ratio=ratio), line
 
 
 def init_prior(checkpoint, *, path, disjoint=False):

@@ -66,7 +66,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior, noise_budget
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -79,21 +79,23 @@ def parse_args(argv=None):
                    help="target epsilon of the whole run; 'inf': the NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="norm bound C of each micro-batch's gradient")
-    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
-    g.add_argument("--micro-batch", type=int, default=8,
+    g.add_argument("--batch-size", type=int, default=2048, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--micro-batch", type=int, default=4,
                    help="m: expected pairs per clipped micro-batch (>= 2); K = round(B/m) micro-batches per step")
-    g.add_argument("--physical-batch", type=int, default=128, help="pairs per vmap call, about (memory only)")
-    g.add_argument("--steps", type=int, default=300, help="logical DP-SGD steps")
+    g.add_argument("--physical-batch", type=int, default=256, help="pairs per vmap call, about (memory only)")
+    g.add_argument("--steps", type=int, default=600, help="logical DP-SGD steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes",
                    help="private image-caption pairs: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
-                   help="n private examples, a subset fixed by --seed (shapes: 20000); torchrun: --n-examples")
+                   help="n private examples, a subset fixed by --seed (shapes: 500000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes",
                    help="embedded captions: shapes and sizes only, or 'full' (+ colours, positions)")
-    g.add_argument("--text-len", type=int, default=32,
-                   help="T: caption bytes read, with BOS and EOS (longer captions are cut)")
+    g.add_argument("--text-len", type=int, default=16,
+                   help="T: caption words read, with BOS and EOS (longer captions are cut)")
+    g.add_argument("--vocab", type=int, default=256, help="word hash buckets (data.WordTokenizer; real data: more)")
+    g.add_argument("--crop", type=int, default=0, help="augmentation: random shift of up to this many pixels")
     g.add_argument("--probe-data", default="shapes",
                    help="labelled set for the (non-private) zero-shot and linear-probe evaluations")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
@@ -101,15 +103,16 @@ def parse_args(argv=None):
                    help="captioned set whose test split is used for (non-private) retrieval")
     g.add_argument("--retrieval-n", type=int, default=1000, help="held-out pairs to retrieve among")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="xs",
-                   help="tiny: tests; xs: CPU; small, base: mae_dp.py's encoders (base: ViT-B/16)")
-    g.add_argument("--patch", type=int, default=None, help="patch side (default 8 xs, 4 small, 16 base)")
+    g.add_argument("--model", choices=list(SIZES), default="cnn",
+                   help="cnn: the CPU default (a conv net, bag-of-words text); cnn-tiny: tests; ViTs: tiny (tests), "
+                   "xs, small and base (mae_dp.py's encoders; base: ViT-B/16)")
+    g.add_argument("--patch", type=int, default=None, help="ViT patch side (default 8 xs, 4 small, 16 base)")
     g.add_argument("--stem", choices=["conv", "linear"], default="conv",
                    help="conv stem (Xiao et al. 2021) or ViT's linear patch embedding (for --init from mae_dp.py)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    g.add_argument("--wd", type=float, default=0.005, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay")
+    g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay")
     g = p.add_argument_group("initialisation")
     g.add_argument("--init", default="none",
                    help="image encoder: 'none' (random init) or a mae_dp.py checkpoint / ViP-Syn cache file")
@@ -131,7 +134,10 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-SIZES = {  # image encoder D width, depth, heads; text encoder width, depth, heads; E the shared embedding
+SIZES = {  # image encoder (conv widths, or ViT D width, depth, heads); text encoder width, depth, heads (depth 0: a
+    # bag of words); E the shared embedding; scale: a fixed logit scale (None: learned, CLIP's)
+    "cnn": dict(widths=(16, 32, 64), text_dim=32, text_depth=0, text_heads=1, embed_dim=32, scale=10.0),
+    "cnn-tiny": dict(widths=(4, 8, 8), text_dim=8, text_depth=0, text_heads=1, embed_dim=8, scale=10.0),
     "tiny": dict(dim=32, depth=1, heads=2, text_dim=32, text_depth=1, text_heads=2, embed_dim=32),
     "xs": dict(dim=64, depth=2, heads=4, text_dim=64, text_depth=1, text_heads=4, embed_dim=64),
     "small": dict(dim=128, depth=4, heads=4, text_dim=128, text_depth=2, text_heads=4, embed_dim=128),
@@ -139,8 +145,8 @@ SIZES = {  # image encoder D width, depth, heads; text encoder width, depth, hea
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: mae_dp.py's ViT encoder (He et al. 2022), a byte-level text transformer, CLIP's projections
-# (Radford et al. 2021)
+# Model: a small conv net (the CPU default) or mae_dp.py's ViT encoder (He et al. 2022); a word-level text encoder;
+# CLIP's projections (Radford et al. 2021)
 
 
 def sincos_pos_embed(dim, grid):
@@ -254,37 +260,74 @@ class ViTEncoder(nn.Module):
         return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
 
 
-class TextEncoder(nn.Module):
-    """Byte tokens -> one vector per caption: token and learned position embeddings, the same pre-norm blocks as
-    the image encoder (bidirectional: a caption is read whole), then the mean over its non-PAD tokens."""
+class ConvEncoder(nn.Module):
+    """The CPU default image tower: three stages of two 3x3 convolutions, the first of each with stride 2
+    (H -> H/2 -> H/4 -> H/8), each followed by GroupNorm and ReLU. GroupNorm, never BatchNorm: its statistics are
+    one image's own, so one example's gradient never depends on another's. Two convolutions per stage learn the
+    shapes several times faster per step than one (docs/RESULTS.md); at d ~ 0.07M parameters the noise stays small
+    against K ~ 500 clipped micro-batches per step."""
 
-    def __init__(self, length, dim, depth, heads):
+    def __init__(self, channels, widths):
         super().__init__()
-        self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dim)  # V = 259, fixed: it was fitted on nothing
-        self.pos_embed = nn.Parameter(torch.zeros(1, length, dim))
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(min(4, w), w, affine=False), nn.ReLU(),
+                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(min(4, w), w, affine=False), nn.ReLU()]
+            c = w
+        self.net, self.dim, self.channels = nn.Sequential(*layers), c, channels
+
+    def tokens(self, imgs):  # (B, C, H, W) -> the final map as tokens (B, L, c), L = (H/8)*(W/8)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+    def features(self, imgs):
+        """The representation (also for the linear probe): the final map, averaged over positions, (B, c)."""
+        return self.net(imgs).mean((2, 3))
+
+
+class TextEncoder(nn.Module):
+    """Word tokens (data.WordTokenizer: a fixed hash, fitted on nothing, so it leaks nothing) -> one vector per
+    caption: the mean over its words of token embeddings, after `depth` pre-norm blocks with learned positions
+    (bidirectional: a caption is read whole). depth 0 is a bag of words (no attention, so no order): for captions
+    that name a shape and a size, all the text tower needs, at a few thousand parameters."""
+
+    def __init__(self, length, dim, depth, heads, vocab):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if depth:
+            self.pos_embed = nn.Parameter(torch.zeros(1, length, dim))
+            self.norm = nn.LayerNorm(dim)
+            nn.init.normal_(self.tok_embed.weight, std=0.02)
+            nn.init.normal_(self.pos_embed, std=0.02)
 
     def forward(self, tokens):
-        """tokens: (B, T) byte ids, PAD-padded on the right -> (B, D)."""
-        x = self.tok_embed(tokens) + self.pos_embed  # (B, T, D)
-        for blk in self.blocks:
-            x = blk(x)  # PAD tokens are attended to; they carry only the caption's length
-        real = (tokens != data.ByteTokenizer.PAD).to(x.dtype)[..., None]  # (B, T, 1)
-        return (self.norm(x) * real).sum(1) / real.sum(1)
+        """tokens: (B, T) word ids, PAD-padded on the right -> (B, D)."""
+        x = self.tok_embed(tokens)  # (B, T, D)
+        if len(self.blocks):
+            x = x + self.pos_embed
+            for blk in self.blocks:
+                x = blk(x)  # PAD tokens are attended to; they carry only the caption's length
+            x = self.norm(x)
+        words = (tokens >= data.WordTokenizer.OFFSET).to(x.dtype)[..., None]  # (B, T, 1): not PAD, BOS, EOS
+        return (x * words).sum(1) / words.sum(1).clamp(min=1)
 
 
 class CLIP(nn.Module):
-    def __init__(self, size, patch, channels, text_len, dim, depth, heads, text_dim, text_depth, text_heads, embed_dim,
-                 stem="linear"):
+    def __init__(self, size, patch, channels, text_len, vocab, text_dim, text_depth, text_heads, embed_dim,
+                 scale=None, widths=None, dim=None, depth=None, heads=None, stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
-        self.text = TextEncoder(text_len, text_dim, text_depth, text_heads)
+        if widths:
+            self.encoder = ConvEncoder(channels, widths)
+        else:
+            self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
+        dim = widths[-1] if widths else dim
+        self.text = TextEncoder(text_len, text_dim, text_depth, text_heads, vocab)
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log of the inverse temperature, CLIP's init
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False) if text_depth else nn.Identity()
+        if scale is None:  # CLIP's learned inverse temperature, from its init 1/0.07
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        else:  # fixed: under DP a learned scale is one more noisy coordinate, and on the proxy it did not help
+            self.register_buffer("logit_scale", torch.tensor(math.log(scale)), persistent=False)
 
     def encode_image(self, imgs):  # (B, C, H, W) -> unit vectors (B, E)
         return F.normalize(self.image_proj(self.encoder.features(imgs)), dim=-1)
@@ -307,11 +350,16 @@ def clip_loss(forward, imgs, tokens, pair_mask):
     real pairs, False for padding. The micro-batch is the smallest unit with a loss of its own (each pair's loss
     depends on the other pairs' embeddings), so this plays the part of mae_dp.py's per-example loss: one scalar
     per micro-batch, clipped per micro-batch. Padding slots are masked out of the logits, so they change nothing;
-    a micro-batch with fewer than 2 real pairs has loss 0 (a 1-way softmax has nothing to contrast)."""
+    a micro-batch with fewer than 2 real pairs has loss 0 (a 1-way softmax has nothing to contrast).
+    Another pair with the same caption is no negative: image i and caption j match as well as i and its own, so
+    both leave the candidates of each other's softmax (else short captions, many of them equal, would put a floor
+    under the loss and push equal captions apart). Which pairs are equal is read from this micro-batch's own tokens
+    alone, so the micro-batch stays the unit of the 2C argument."""
     G, M = pair_mask.shape
     img, txt, scale = forward(imgs.flatten(0, 1), tokens.flatten(0, 1))  # (G*M, E) x 2
     logits = scale * img.view(G, M, -1) @ txt.view(G, M, -1).transpose(1, 2)  # (G, M, M): image i vs caption j
-    both = pair_mask[:, :, None] & pair_mask[:, None, :]
+    same = (tokens[:, :, None] == tokens[:, None, :]).all(-1) & ~torch.eye(M, dtype=torch.bool, device=tokens.device)
+    both = pair_mask[:, :, None] & pair_mask[:, None, :] & ~same  # (G, M, M): candidates
     logits = logits.masked_fill(~both, -1e4)  # exp(-1e4 - 100) == 0: a padding slot is never a candidate
     diag = logits.diagonal(dim1=1, dim2=2)  # (G, M): each pair's own similarity
     per_pair = 0.5 * ((logits.logsumexp(2) - diag) + (logits.logsumexp(1) - diag))  # image->text and text->image
@@ -344,13 +392,15 @@ def sample_micro_batches(n, q, K, *, generator, canaries=0):
     return members, pair_mask, sampled_canaries
 
 
-def augment(imgs_uint8, rng):
-    """CLIP's only augmentation, a random crop, per pair (never mixes pairs): here a shift of up to 2 pixels, so
-    the caption's "at the top left" stays true. No flip, for the same reason. Returns (B, C, H, W) in [-1, 1].
+def augment(imgs_uint8, rng, pad):
+    """CLIP's only augmentation, a random crop, per pair (never mixes pairs): here a shift of up to `pad` pixels
+    (--crop; 0, the default: none), so the caption's "at the top left" stays true. No flip, for the same reason.
+    Returns (B, C, H, W) in [-1, 1].
     rng: a data.ExampleRandom of these pairs, so that a pair's crop comes from its own stream: it never depends on
     which other pairs were sampled, on its micro-batch, nor on the order of the vmap calls (which the module
     docstring's 2C argument needs: the micro-batches without the added pair must stay exactly as they were)."""
-    return data.random_crop(data.normalize(imgs_uint8), pad=2, generator=rng)
+    x = data.normalize(imgs_uint8)
+    return data.random_crop(x, pad=pad, generator=rng) if pad else x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,29 +587,35 @@ def embed(fn, inputs, device, batch=256):
     return torch.cat(out)
 
 
-def zero_shot(model, ds, text_len, device):
+def zero_shot(model, ds, tok, text_len, device):
     """Zero-shot classification: each image takes the class whose prompt embedding is the most similar.
     Returns (accuracy, predicted class ids (N,))."""
     model.eval()
-    prompts = data.ByteTokenizer().encode([t.format(c) for c in ds.classes for t in TEMPLATES], text_len)
+    prompts = tok.encode([t.format(c) for c in ds.classes for t in TEMPLATES], text_len)
     per_template = embed(model.encode_text, prompts, device).view(len(ds.classes), len(TEMPLATES), -1)
     classes = F.normalize(per_template.mean(1), dim=-1)
     pred = (embed(model.encode_image, ds, device) @ classes.T).argmax(1)  # (N,)
     return (pred == ds.labels).float().mean().item(), pred
 
 
-def retrieval(model, ds, text_len, device):
-    """Recall@1/5 of image -> text (is an image's own caption among its k most similar of all N captions?) and
-    text -> image, on N held-out pairs."""
+def retrieval(model, ds, tok, text_len, device):
+    """Recall@1/5 on N held-out pairs, over their distinct captions (U of them; short captions repeat, and ranking
+    copies of one caption against each other would count a tie as a miss): image -> text, is an image's caption
+    among the k distinct captions most similar to it? text -> image, is one of a caption's own images among the
+    k images most similar to it? Returns those four figures and U."""
     model.eval()
+    distinct = sorted(set(ds.captions))
+    which = torch.tensor([distinct.index(c) for c in ds.captions])  # (N,) each image's caption
     img = embed(model.encode_image, ds, device)
-    txt = embed(model.encode_text, data.ByteTokenizer().encode(ds.captions, text_len), device)
-    sim = img @ txt.T  # (N, N)
-    out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        rank = (s > s.diagonal()[:, None]).sum(1)  # how many candidates beat the true one
-        out.update({f"{name}_r@{k}": (rank < k).float().mean().item() for k in (1, 5)})
-    return out
+    txt = embed(model.encode_text, tok.encode(distinct, text_len), device)
+    sim = img @ txt.T  # (N, U)
+    own = sim.gather(1, which[:, None])  # (N, 1)
+    rank = (sim > own).sum(1)  # distinct captions that beat the image's own
+    out = {f"image_to_text_r@{k}": (rank < k).float().mean().item() for k in (1, 5)}
+    top = sim.T.topk(min(5, len(ds)), dim=1).indices  # (U, 5) the images most similar to each caption
+    hit = which[top] == torch.arange(len(distinct))[:, None]  # (U, 5)
+    out.update({f"text_to_image_r@{k}": hit[:, :k].any(1).float().mean().item() for k in (1, 5)})
+    return out | dict(distinct_captions=len(distinct))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -778,7 +834,8 @@ def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_to
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return CLIP(args.size, args.patch, channels, args.text_len, **cfg, stem=args.stem)
+    return CLIP(args.size, args.patch, channels, args.text_len, args.vocab + data.WordTokenizer.OFFSET, **cfg,
+                stem=args.stem)
 
 
 def load_encoder(encoder, path, device):
@@ -809,13 +866,13 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan ---
-    private = private_set(args)
+    private = private_set(args, shapes_n=500_000)  # generated: a large N keeps q, hence sigma, small
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-CLIP trains on image-caption pairs)")
     if args.data in data.EMBEDDED:
         private.captions = data.shapes_captions(private.captions, args.captions)
     data.check_captions(private, flag=f"--data {args.data}")
-    if args.size % args.patch:
+    if "widths" not in SIZES[args.model] and args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     # the evaluation sets are opened before training (their labels are read only after it), so that one the
     # encoder cannot take, or a missing test split, fails now rather than after the private run
@@ -857,7 +914,10 @@ def main(argv=None):
     # --- DP-CLIP: DP-SGD on the private pairs, clipped per micro-batch ---
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    # noise sigma*2C on a sum of K micro-batch gradients of norm <= C, over every trained coordinate
+    budget, line = noise_budget(sigma=sigma, trained=sum(v.numel() for v in params.values()), units=K, mult=2)
+    print(line)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.wd)
     accountant = RDPAccountant()
     if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
         accountant.load_state_dict(earlier["prior"])
@@ -868,10 +928,11 @@ def main(argv=None):
             dist.broadcast(v, src=0)
     per_example_grads = make_per_example_grads(model, clip_loss)  # here: per-micro-batch gradients
     batch_grad = None if is_private else make_batch_grad(model, clip_loss)
-    tokens = data.ByteTokenizer().encode(private.captions, args.text_len)  # (N, T), once
+    tok = data.WordTokenizer(args.vocab)
+    tokens = tok.encode(private.captions, args.text_len)  # (N, T), once
     shape = (private.channels, args.size, args.size)
     # each pair's crop: a function of (--seed, the step being taken, its index) alone
-    crops = lambda idx: augment(private.images(idx.reshape(-1)), data.ExampleRandom(args.seed, step, idx))
+    crops = lambda idx: augment(private.images(idx.reshape(-1)), data.ExampleRandom(args.seed, step, idx), args.crop)
     load_pairs = lambda idx, mask: (crops(idx).view(*idx.shape, *shape).to(device), tokens[idx].to(device),
                                     mask.to(device))
     per_call = max(1, round(args.physical_batch / args.micro_batch))
@@ -915,8 +976,8 @@ def main(argv=None):
         return
 
     # --- evaluation: NOT private (labels and held-out captions are read after training ends) ---
-    zs_acc, pred = zero_shot(model, probe_test, args.text_len, device)
-    recall = retrieval(model, held_out, args.text_len, device)
+    zs_acc, pred = zero_shot(model, probe_test, tok, args.text_len, device)
+    recall = retrieval(model, held_out, tok, args.text_len, device)
     encoder = build_model(args, private.channels).encoder.to(device).eval()
     acc = {}
     states = [("random_init", random_init)] + ([("init", init)] if args.init != "none" else [])
@@ -928,7 +989,7 @@ def main(argv=None):
              for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
     data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
     summary = dict(method="DP-CLIP (clip_dp.py)", batch_size=args.batch_size, micro_batch=args.micro_batch,
-                   micro_batches_per_step=K, noise_std_on_sum=2 * sigma * args.clip, init=args.init,
+                   micro_batches_per_step=K, noise_signal=budget, noise_std_on_sum=2 * sigma * args.clip, init=args.init,
                    probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc,
                    chance=1 / len(probe_test.classes), retrieval_data=held_out.name, retrieval_not_private=recall,
                    probe_accuracy_not_private=acc, device=str(device))
@@ -936,8 +997,8 @@ def main(argv=None):
             n_total=n_total, steps=step, data_name=private.name)
     print("linear probe accuracy (not private): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     print(f"zero-shot accuracy (not private): {zs_acc:.3f} (chance {1 / len(probe_test.classes):.3f})")
-    print(f"retrieval among {len(held_out)} held-out pairs (not private): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    print(f"retrieval among {len(held_out)} held-out pairs, {recall['distinct_captions']} distinct captions (not "
+          "private): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k != "distinct_captions"))
     print(f"wrote {out}/model.pt, summary.json, metrics.jsonl, checkpoint.pt, zero_shot.png in {time.time() - t0:.0f}s")
 
 
