@@ -42,8 +42,8 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["DEFAULT_ORDERS", "rdp_subsampled_gaussian", "epsilon_from_rdp", "epsilon", "calibrate_sigma",
-           "RDPAccountant", "dp_sgd_plan", "noise_to_signal", "noise_budget", "audit_p_value", "audit_epsilon_lower_bound",
-           "CanaryAudit"]
+           "RDPAccountant", "dp_sgd_plan", "noise_to_signal", "noise_budget", "audit_p_value",
+           "audit_epsilon_lower_bound", "CanaryAudit"]
 
 # Orders alpha at which RDP is tracked. A superset of the usual coarse grid (1.1, 1.2, ..., 10.9, 12, ..., 63), so
 # the minimum over it is never looser than that grid's; steps of 0.05 up to 11 and 0.01 near 1 (large eps, few

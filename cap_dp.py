@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior, noise_budget
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -73,14 +73,16 @@ def parse_args(argv=None):
     g.add_argument("--size", type=int, default=32, help="image side H = W")
     g.add_argument("--captions", choices=data.CAPTION_STYLES, default="shapes",
                    help="embedded captions: shapes and sizes only, or 'full' (+ colours, positions)")
-    g.add_argument("--max-len", type=int, default=32,
-                   help="caption tokens T: BOS + utf-8 bytes + EOS, longer captions cut")
+    g.add_argument("--max-len", type=int, default=16,
+                   help="caption tokens T: BOS + words + EOS, longer captions cut")
+    g.add_argument("--vocab", type=int, default=256, help="word hash buckets (data.WordTokenizer; real data: more)")
     g.add_argument("--probe-data", default="shapes", help="labelled set for the (non-private) probe and zero-shot")
     g.add_argument("--probe-n", type=int, default=5000, help="probe training examples")
     g.add_argument("--zero-shot-n", type=int, default=500, help="test images classified zero-shot")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(SIZES), default="xs",
-                   help="tiny: tests; xs: CPU; vip: mae_dp.py's small encoder; base: ViT-B/16")
+    g.add_argument("--model", choices=list(SIZES), default="cnn",
+                   help="cnn: the CPU default (a conv net); cnn-tiny: tests; ViTs: tiny (tests), xs, small, vip "
+                   "(mae_dp.py's small encoder: --init from it), base (ViT-B/16)")
     g.add_argument("--patch", type=int, default=None,
                    help="patch side (default 8 xs and small, 4 vip, 16 base and tiny)")
     g.add_argument("--stem", choices=["conv", "linear"], default="conv",
@@ -109,7 +111,9 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-SIZES = {  # D width, depth, heads of the image encoder (as in mae_dp.py, so --init lines up); text decoder
+SIZES = {  # image encoder: conv widths, or ViT D width, depth, heads (as in mae_dp.py, so --init lines up); decoder
+    "cnn": dict(widths=(16, 32, 64), dec_dim=64, dec_depth=1, dec_heads=1),  # the CPU default
+    "cnn-tiny": dict(widths=(4, 8, 8), dec_dim=8, dec_depth=1, dec_heads=1),  # tests
     "tiny": dict(dim=32, depth=1, heads=2, dec_dim=32, dec_depth=1, dec_heads=2),
     "xs": dict(dim=64, depth=2, heads=4, dec_dim=64, dec_depth=1, dec_heads=4),  # patch 8: fewer parameters, less noise
     "small": dict(dim=96, depth=3, heads=4, dec_dim=96, dec_depth=2, dec_heads=4),  # patch 8: 2-core CPU default
@@ -232,6 +236,30 @@ class ViTEncoder(nn.Module):
         return self.forward(imgs, mask_ratio=0.0)[0][:, 1:].mean(dim=1)
 
 
+class ConvEncoder(nn.Module):
+    """The CPU default image tower: three stages of two 3x3 convolutions, the first of each with stride 2
+    (H -> H/2 -> H/4 -> H/8), each followed by GroupNorm and ReLU. GroupNorm, never BatchNorm: its statistics are
+    one image's own, so one example's gradient never depends on another's. Two convolutions per stage learn the
+    shapes several times faster per step than one (docs/RESULTS.md), and d ~ 0.07M parameters keeps the noise
+    small against about a thousand clipped units per step."""
+
+    def __init__(self, channels, widths):
+        super().__init__()
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(min(4, w), w, affine=False), nn.ReLU(),
+                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(min(4, w), w, affine=False), nn.ReLU()]
+            c = w
+        self.net, self.dim, self.channels = nn.Sequential(*layers), c, channels
+
+    def tokens(self, imgs):  # (B, C, H, W) -> the final map as tokens (B, L, c), L = (H/8)*(W/8)
+        return self.net(imgs).flatten(2).transpose(1, 2)
+
+    def features(self, imgs):
+        """The representation (also for the linear probe): the final map, averaged over positions, (B, c)."""
+        return self.net(imgs).mean((2, 3))
+
+
 class TextAttention(nn.Module):
     """Attention of text tokens x (B, T, D) over ctx (B, S, D): the text itself under a causal mask (each token
     sees only earlier ones), or the image tokens (cross-attention, no mask). Written out like Attention."""
@@ -271,20 +299,27 @@ class DecoderBlock(nn.Module):
 
 
 class Captioner(nn.Module):
-    def __init__(self, size, patch, channels, dim, depth, heads, dec_dim, dec_depth, dec_heads, max_len, stem="linear"):
+    def __init__(self, size, patch, channels, dec_dim, dec_depth, dec_heads, max_len, vocab, widths=None, dim=None,
+                 depth=None, heads=None, stem="linear"):
         super().__init__()
-        self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
-        self.image_proj = nn.Linear(dim, dec_dim)  # image tokens into the decoder's width
-        self.tok_embed = nn.Embedding(data.ByteTokenizer.vocab_size, dec_dim)
+        if widths:
+            self.encoder = ConvEncoder(channels, widths)
+        else:
+            self.encoder = ViTEncoder(size, patch, channels, dim, depth, heads, stem)
+        self.image_proj = nn.Linear(widths[-1] if widths else dim, dec_dim)  # image tokens into the decoder's width
+        self.tok_embed = nn.Embedding(vocab, dec_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dec_dim))  # learned 1-D text positions
         self.decoder_blocks = nn.ModuleList(DecoderBlock(dec_dim, dec_heads) for _ in range(dec_depth))
         self.decoder_norm = nn.LayerNorm(dec_dim)
-        self.head = nn.Linear(dec_dim, data.ByteTokenizer.vocab_size)
+        self.head = nn.Linear(dec_dim, vocab)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
 
     def encode_image(self, imgs):
-        """imgs: (B, C, H, W) -> image tokens (B, 1+L, Dt) for the decoder: all patches, no masking."""
+        """imgs: (B, C, H, W) -> image tokens (B, S, Dt) for the decoder: the conv net's final map (S = H/8 * W/8
+        positions), or the ViT's 1+L tokens (all patches, no masking)."""
+        if isinstance(self.encoder, ConvEncoder):
+            return self.image_proj(self.encoder.tokens(imgs))
         return self.image_proj(self.encoder(imgs, mask_ratio=0.0)[0])
 
     def decode(self, img, tokens):
@@ -311,9 +346,9 @@ def caption_loss(forward, imgs, tokens):
     """Captioning loss per example, (B,): mean next-token cross-entropy over that caption's non-pad targets, with
     teacher forcing (the decoder reads the true caption up to t and predicts token t+1). The mean is over the
     example's own tokens, so one scalar per example and nothing shared across examples.
-    forward(imgs, tokens) -> logits (B, T, V): the model, or its functional_call. tokens: (B, T) from ByteTokenizer."""
+    forward(imgs, tokens) -> logits (B, T, V): the model, or its functional_call. tokens: (B, T) from WordTokenizer."""
     logits = forward(imgs, tokens[:, :-1])  # (B, T-1, V)
-    keep = (tokens[:, 1:] != data.ByteTokenizer.PAD).to(logits.dtype)  # (B, T-1): the EOS target counts, PAD not
+    keep = (tokens[:, 1:] != data.WordTokenizer.PAD).to(logits.dtype)  # (B, T-1): the EOS target counts, PAD not
     return (token_nll(logits, tokens) * keep).sum(-1) / keep.sum(-1)
 
 
@@ -355,14 +390,17 @@ def clip_and_sum(grads, keep, clip):
 
 
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
-            noise_gen, canaries=None):
+            noise_gen, canaries=None, stats=None):
     """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's canary units of this step (accountant.CanaryAudit.rows), (units, m), one row each along
     the canary coordinates; clip_and_sum clips them like the examples' rows, and they are summed and noised with
     them, coming back under the key "canaries".
-    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
+    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN.
+    stats: a dict that receives "clipped_norm", ||sum_i clip(g_i)|| / B_expected before the noise, the real signal
+    that accountant.noise_to_signal bounds from above (this process's share under torchrun). It reads the private
+    data: logged only with --log-private."""
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
@@ -384,6 +422,8 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
+    if stats is not None:
+        stats["clipped_norm"] = float(torch.stack([s.norm() for s in summed.values()]).norm()) / expected_batch
     with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
         if canaries is not None:  # each canary unit is clipped as an example is, by the same function
             every = torch.ones(len(canaries), dtype=torch.bool, device=canaries.device)
@@ -473,15 +513,15 @@ def class_prompts(ds, style="full"):
 
 
 @torch.no_grad()
-def zero_shot(model, ds, device, max_len, n, batch=50, style="full"):
+def zero_shot(model, ds, tok, device, max_len, n, batch=50, style="full"):
     """Zero-shot classification by caption loss, as in the paper: for each image and class, the summed
     negative log-likelihood of each of the class's prompts (EOS excluded: the caption would go on); the class
     with the lowest loss over its prompts wins. Returns accuracy on the first n images of ds."""
     model.eval()
     prompts = class_prompts(ds, style)
     K = len(prompts[0])
-    tokens = data.ByteTokenizer().encode([p for ps in prompts for p in ps], max_len).to(device)  # (classes*K, T)
-    keep = tokens[:, 1:] > data.ByteTokenizer.EOS  # (classes*K, T-1): the prompt's bytes only
+    tokens = tok.encode([p for ps in prompts for p in ps], max_len).to(device)  # (classes*K, T)
+    keep = tokens[:, 1:] > tok.EOS  # (classes*K, T-1): the prompt's words only
     T = int(keep.sum(1).max()) + 1
     tokens, keep = tokens[:, :T], keep[:, : T - 1]
     n = min(n, len(ds))
@@ -501,10 +541,10 @@ def zero_shot(model, ds, device, max_len, n, batch=50, style="full"):
 
 
 @torch.no_grad()
-def greedy_captions(model, imgs, max_len):
-    """imgs: (B, C, H, W) -> list of B captions, each the argmax token at every step until EOS."""
+def greedy_captions(model, imgs, tok, max_len, words):
+    """imgs: (B, C, H, W) -> list of B captions, each the argmax token at every step until EOS; word ids are named
+    through `words`, a public word list (a hash has no inverse)."""
     model.eval()
-    tok = data.ByteTokenizer()
     img = model.encode_image(imgs)
     ids = torch.full((imgs.shape[0], 1), tok.BOS, dtype=torch.long, device=imgs.device)  # (B, 1)
     for _ in range(max_len - 1):
@@ -512,7 +552,7 @@ def greedy_captions(model, imgs, max_len):
         ids = torch.cat([ids, nxt[:, None]], 1)
         if (ids == tok.EOS).any(1).all():
             break
-    return tok.decode(ids.cpu())
+    return tok.decode(ids.cpu(), words)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,7 +691,7 @@ def save_checkpoint(path, gens, rank, **state):
     os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
 
 
-def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, signal=None, **extra):
     """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
     the private data (the batch size counts the sampling coins), and so does the time (it grows with the number
     of physical batches, i.e. with the sample): they are logged only with --log-private. Strict JSON: eps inf
@@ -660,7 +700,7 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     rec = dict(step=step, **extra, eps=eps if eps < math.inf else None, lr=lr,
                noisy_grad_norm=float(torch.stack(update).norm()))
     if args.log_private:
-        rec.update(loss=loss, batch=batch, time=round(time.time() - t0, 3), private=True)
+        rec.update(loss=loss, batch=batch, clipped_grad_norm=signal, time=round(time.time() - t0, 3), private=True)
     log.write(json.dumps(rec, allow_nan=False) + "\n")
     log.flush()
     phase = "".join(f" ({v})" for v in extra.values())
@@ -731,7 +771,8 @@ def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_to
 
 def build_model(args, channels):
     cfg = SIZES[args.model]
-    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len, stem=args.stem)
+    return Captioner(args.size, args.patch, channels, **cfg, max_len=args.max_len,
+                     vocab=args.vocab + data.WordTokenizer.OFFSET, stem=args.stem)
 
 
 def load_encoder(model, path):
@@ -766,7 +807,7 @@ def main(argv=None):
 
     # --- data and privacy plan ---
     private = private_set(args, shapes_n=100000)  # generated on the fly: more N, less sigma at the same B
-    if args.size % args.patch:
+    if "widths" not in SIZES[args.model] and args.size % args.patch:
         raise ValueError(f"--size {args.size} is not a multiple of --patch {args.patch}")
     if private.captions is None:
         raise ValueError(f"--data {args.data}: no captions (DP-Cap trains on image-caption pairs)")
@@ -807,12 +848,16 @@ def main(argv=None):
     if args.init != "none":
         load_encoder(model, args.init)
     init_state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
-    tokens = data.ByteTokenizer().encode(private.captions, args.max_len)  # (N, T), fixed shape for vmap
+    tok = data.WordTokenizer(args.vocab)
+    tokens = tok.encode(private.captions, args.max_len)  # (N, T), fixed shape for vmap
 
     # --- DP-Cap: DP-SGD on the captioning loss ---
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    # noise sigma*C on a sum of B clipped per-example gradients, over every trained coordinate
+    budget, line = noise_budget(sigma=sigma, trained=sum(v.numel() for v in params.values()), units=batch_size)
+    print(line)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.wd)
     accountant = RDPAccountant()
     if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
         accountant.load_state_dict(earlier["prior"])
@@ -836,6 +881,7 @@ def main(argv=None):
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world), canaries=audit.n_included if audit else 0)
     bar = tqdm(batches, total=args.steps - step, desc="DP-Cap (DP-SGD)", dynamic_ncols=True, disable=not master)
+    stats = {}  # dp_step's clipped-sum norm: private, logged only with --log-private
     with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for physical_batches, sampled_canaries in bar:
             model.train()
@@ -846,7 +892,7 @@ def main(argv=None):
                 if is_private:
                     noisy, loss = dp_step(per_example_grads, params, buffers, physical_batches, load, clip=args.clip,
                                           noise_std=noise_std, expected_batch=batch_size, noise_gen=noise_gen,
-                                          canaries=canaries)
+                                          canaries=canaries, stats=stats)
                 else:  # NOT private: the same sample, unclipped and unnoised
                     noisy, loss = plain_step(batch_grad, params, buffers, physical_batches, load,
                                              expected_batch=batch_size)
@@ -862,7 +908,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.steps:
                 batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in physical_batches)))  # every rank: a collective
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
-                         params=params, loss=loss, batch=batch)
+                         params=params, loss=loss, batch=batch, signal=stats.get("clipped_norm"))
                 checkpoint()
     end_processes(world)
     if not master:
@@ -875,13 +921,15 @@ def main(argv=None):
     for name, state in states + [("dp_cap", model.encoder.state_dict())]:
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
-    zs = zero_shot(model, probe_test, device, args.max_len, args.zero_shot_n, style=args.captions)
+    zs = zero_shot(model, probe_test, tok, device, args.max_len, args.zero_shot_n, style=args.captions)
     shown = probe_test.images(torch.arange(8))
-    caps = greedy_captions(model, data.normalize(shown).to(device), args.max_len)
+    words = data.embedded_words() + list(probe_test.classes or [])  # public: the generator's words, class names
+    caps = greedy_captions(model, data.normalize(shown).to(device), tok, args.max_len, words)
     data.save_grid(shown, out / "captions.png", nrow=4, captions=caps, scale=4)
     refs = probe_test.captions[:8] if probe_test.captions else [None] * 8
     refs = data.shapes_captions(refs, args.captions) if args.probe_data in data.EMBEDDED else refs
-    summary = dict(method="DP-Cap (cap_dp.py)", batch_size=batch_size, init=args.init, probe_data=probe_train.name,
+    summary = dict(method="DP-Cap (cap_dp.py)", batch_size=batch_size, noise_signal=budget, init=args.init,
+                   probe_data=probe_train.name,
                    probe_accuracy_not_private=acc, zero_shot_accuracy_not_private=zs,
                    zero_shot_chance=1 / len(probe_test.classes),
                    captions_not_private=[dict(generated=c, reference=r) for c, r in zip(caps, refs)],

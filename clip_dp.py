@@ -264,8 +264,8 @@ class ConvEncoder(nn.Module):
     """The CPU default image tower: three stages of two 3x3 convolutions, the first of each with stride 2
     (H -> H/2 -> H/4 -> H/8), each followed by GroupNorm and ReLU. GroupNorm, never BatchNorm: its statistics are
     one image's own, so one example's gradient never depends on another's. Two convolutions per stage learn the
-    shapes several times faster per step than one (docs/RESULTS.md); at d ~ 0.07M parameters the noise stays small
-    against K ~ 500 clipped micro-batches per step."""
+    shapes several times faster per step than one (docs/RESULTS.md), and d ~ 0.07M parameters keeps the noise
+    small against about a thousand clipped units per step."""
 
     def __init__(self, channels, widths):
         super().__init__()
@@ -442,14 +442,17 @@ def clip_and_sum(grads, keep, clip):
 
 
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
-            noise_gen, canaries=None):
+            noise_gen, canaries=None, stats=None):
     """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's canary units of this step (accountant.CanaryAudit.rows), (units, m), one row each along
     the canary coordinates; clip_and_sum clips them like the examples' rows, and they are summed and noised with
     them, coming back under the key "canaries".
-    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
+    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN.
+    stats: a dict that receives "clipped_norm", ||sum_i clip(g_i)|| / B_expected before the noise, the real signal
+    that accountant.noise_to_signal bounds from above (this process's share under torchrun). It reads the private
+    data: logged only with --log-private."""
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
@@ -471,6 +474,8 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
+    if stats is not None:
+        stats["clipped_norm"] = float(torch.stack([s.norm() for s in summed.values()]).norm()) / expected_batch
     with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
         if canaries is not None:  # each canary unit is clipped as an example is, by the same function
             every = torch.ones(len(canaries), dtype=torch.bool, device=canaries.device)
@@ -541,7 +546,7 @@ def lr_at(step, total, peak, warmup):
 
 
 def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs, *, clip, noise_std,
-                     per_call, noise_gen, canaries=None, shard=(0, 1), batch_grad=None):
+                     per_call, noise_gen, canaries=None, shard=(0, 1), batch_grad=None, stats=None):
     """One logical DP-CLIP step: mae_dp.py's dp_step with micro-batches in the place of examples.
     members, pair_mask (K, M) from sample_micro_batches; load_pairs(idx (P, M'), mask (P, M')) -> the tensors of
     those micro-batches; noise_std is the noise on the clipped sum, sigma * 2C (module docstring).
@@ -566,7 +571,7 @@ def micro_batch_step(per_example_grads, params, buffers, members, pair_mask, loa
         return plain_step(batch_grad, params, buffers, calls, load, expected_batch=K)
     # divide by K, the micro-batches per step (public: from the flags alone)
     return dp_step(per_example_grads, params, buffers, calls, load, clip=clip, noise_std=noise_std, expected_batch=K,
-                   noise_gen=noise_gen, canaries=canaries)
+                   noise_gen=noise_gen, canaries=canaries, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -754,7 +759,7 @@ def save_checkpoint(path, gens, rank, **state):
     os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
 
 
-def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, signal=None, **extra):
     """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
     the private data (the batch size counts the sampling coins), and so does the time (it grows with the number
     of physical batches, i.e. with the sample): they are logged only with --log-private. Strict JSON: eps inf
@@ -763,7 +768,7 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     rec = dict(step=step, **extra, eps=eps if eps < math.inf else None, lr=lr,
                noisy_grad_norm=float(torch.stack(update).norm()))
     if args.log_private:
-        rec.update(loss=loss, batch=batch, time=round(time.time() - t0, 3), private=True)
+        rec.update(loss=loss, batch=batch, clipped_grad_norm=signal, time=round(time.time() - t0, 3), private=True)
     log.write(json.dumps(rec, allow_nan=False) + "\n")
     log.flush()
     phase = "".join(f" ({v})" for v in extra.values())
@@ -944,6 +949,7 @@ def main(argv=None):
 
     # one logical step: Poisson sample -> micro-batches -> per-micro-batch gradients -> clip -> noise -> step -> account
     bar = tqdm(range(args.steps - step), desc="DP-CLIP", dynamic_ncols=True, disable=not master)
+    stats = {}  # dp_step's clipped-sum norm: private, logged only with --log-private
     with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for _ in bar:
             members, pair_mask, sampled_canaries = sample_micro_batches(N, q, K, generator=sample_gen,
@@ -956,7 +962,7 @@ def main(argv=None):
                 noisy, loss = micro_batch_step(per_example_grads, params, buffers, members, pair_mask, load_pairs,
                                                clip=args.clip, noise_std=noise_std, per_call=per_call,
                                                noise_gen=noise_gen, canaries=canaries, shard=(rank, world),
-                                               batch_grad=batch_grad)
+                                               batch_grad=batch_grad, stats=stats)
             if audit:  # the auditor reads what DP-SGD releases: the privatised gradient's canary coordinates
                 audit.observe(noisy.pop("canaries").float().cpu())
             for k, p in params.items():
@@ -969,7 +975,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.steps:
                 batch = int(pair_mask.sum())  # every rank holds the whole step's sample
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
-                         params=params, loss=loss, batch=batch)
+                         params=params, loss=loss, batch=batch, signal=stats.get("clipped_norm"))
                 checkpoint()
     end_processes(world)
     if not master:
@@ -989,7 +995,8 @@ def main(argv=None):
              for p, t in zip(pred[:k].tolist(), probe_test.labels[:k].tolist())]
     data.save_grid(probe_test.images(torch.arange(k)), out / "zero_shot.png", nrow=8, captions=names, scale=3)
     summary = dict(method="DP-CLIP (clip_dp.py)", batch_size=args.batch_size, micro_batch=args.micro_batch,
-                   micro_batches_per_step=K, noise_signal=budget, noise_std_on_sum=2 * sigma * args.clip, init=args.init,
+                   micro_batches_per_step=K, noise_signal=budget, noise_std_on_sum=2 * sigma * args.clip,
+                   init=args.init,
                    probe_data=probe_train.name, zero_shot_accuracy_not_private=zs_acc,
                    chance=1 / len(probe_test.classes), retrieval_data=held_out.name, retrieval_not_private=recall,
                    probe_accuracy_not_private=acc, device=str(device))

@@ -11,7 +11,7 @@ Every script imports this file and nothing else for data. It holds, in this orde
 - a PNG grid to look at a batch (`python data.py grid`);
 - batched torch augmentations, drawing for private data from each example's own random stream (ExampleRandom:
   a function of the public seed, the step and the example's index, never of the other examples sampled; rule 3),
-  and a byte-level tokenizer that reads no data (rule 4);
+  and a word tokenizer (a fixed hash) that reads no data (rule 4);
 - the linear probe the scripts evaluate with;
 - the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
   device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume;
@@ -50,71 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-
-class WordTokenizer:
-    """Words hashed into a fixed number of buckets: a vocabulary fitted on nothing, so it reveals nothing about the
-    captions it reads (the privacy unit is one pair; a vocabulary counted from the private captions would publish
-    which words they use). PAD=0, BOS=1, EOS=2, word w -> 3 + blake2b(w) mod buckets; words are the lowercase runs
-    of letters, digits and apostrophes. At the default 256 buckets no two words of the embedded captions and
-    prompts share a bucket (tests/test_data.py checks it); on real captions, give more buckets (e.g. 8192: rare
-    collisions, a larger embedding). Word tokens, not bytes: a caption's image-dependent words are a few tokens
-    out of a few, so the captioning loss and the text tower put their weight on them.
-
-    encode: BOS + word ids + EOS, right-padded to exactly max_len (fixed shape for vmap); long captions are cut so
-    that EOS always fits. decode: ids back to words through a public word list (hashing has no inverse); an id no
-    listed word hashes to is shown as <id>.
-    """
-    PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-    WORD = re.compile(r"[a-z0-9']+")
-
-    def __init__(self, buckets=256):
-        if not 1 <= int(buckets) <= 2**20:
-            raise ValueError(f"the word hash needs 1 to {2**20} buckets, got {buckets}")
-        self.buckets = int(buckets)
-        self.vocab_size = self.buckets + self.OFFSET
-
-    def word_id(self, word):
-        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        return self.OFFSET + h % self.buckets
-
-    def words(self, text):
-        return self.WORD.findall(text.lower())
-
-    def encode(self, texts, max_len):
-        """texts: list[str] -> LongTensor [B, T], T = max_len >= 2."""
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (BOS and EOS), got {max_len}")
-        if isinstance(texts, str):
-            texts = [texts]
-        out = torch.full((len(texts), max_len), self.PAD, dtype=torch.long)
-        cache = {}
-        for i, text in enumerate(texts):
-            ids = [cache.setdefault(w, self.word_id(w)) for w in self.words(text)[: max_len - 2]]
-            out[i, : len(ids) + 2] = torch.tensor([self.BOS, *ids, self.EOS])
-        return out
-
-    def decode(self, ids, words=()):
-        """LongTensor [B, T] (or [T]) -> list[str]: stops at EOS, skips PAD/BOS; ids named through `words`."""
-        names = {self.word_id(w): w for w in words}
-        ids = torch.as_tensor(ids)
-        rows = ids[None].tolist() if ids.dim() == 1 else ids.tolist()
-        texts = []
-        for row in rows:
-            out = []
-            for t in row:
-                if t == self.EOS:
-                    break
-                if t >= self.OFFSET:
-                    out.append(names.get(t, f"<{t}>"))
-            texts.append(" ".join(out))
-        return texts
-
-
-def embedded_words():
-    """Every word the embedded captions and the scripts' prompts use: public (the generator's own lists)."""
-    fixed = "a an and large small at the top bottom left right on in centre photo of image"
-    return sorted(set(fixed.split()) | set(SHAPE_CLASSES) | set(COLOUR_NAMES))
-
 
 # -----------------------------------------------------------------------------
 # Poisson sampling and the logical/physical batch split (rule 1)
@@ -819,17 +754,37 @@ def color_jitter(x, strength=0.2, *, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# byte-level tokenizer: a fixed table, fitted on nothing, so it carries no information about any data (rule 4)
+# word tokenizer: a fixed hash, fitted on nothing, so it carries no information about any data (rule 4)
 
 
-class ByteTokenizer:
-    """PAD=0, BOS=1, EOS=2, byte b -> b + 3; vocab_size 259.
+class WordTokenizer:
+    """Words hashed into a fixed number of buckets: a vocabulary fitted on nothing, so it reveals nothing about the
+    captions it reads (the privacy unit is one pair; a vocabulary counted from the private captions would publish
+    which words they use). PAD=0, BOS=1, EOS=2, word w -> 3 + blake2b(w) mod buckets; words are the lowercase runs
+    of letters (any script), digits and apostrophes. At the default 256 buckets no two words of the embedded captions and
+    prompts share a bucket (tests/test_data.py checks it); on real captions, give more buckets (e.g. 8192: rare
+    collisions, a larger embedding). Word tokens, not bytes: a caption's image-dependent words are a few tokens
+    out of a few, so the captioning loss and the text tower put their weight on them.
 
-    encode: BOS + utf-8 bytes + EOS, right-padded to exactly max_len (fixed shape for vmap). Long texts are cut
-    at a character boundary so that EOS always fits: a captioner still learns where a caption ends.
+    encode: BOS + word ids + EOS, right-padded to exactly max_len (fixed shape for vmap); long captions are cut so
+    that EOS always fits. decode: ids back to words through a public word list (hashing has no inverse); an id no
+    listed word hashes to is shown as <id>.
     """
     PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-    vocab_size = 259
+    WORD = re.compile(r"[\w']+")
+
+    def __init__(self, buckets=256):
+        if not 1 <= int(buckets) <= 2**20:
+            raise ValueError(f"the word hash needs 1 to {2**20} buckets, got {buckets}")
+        self.buckets = int(buckets)
+        self.vocab_size = self.buckets + self.OFFSET
+
+    def word_id(self, word):
+        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+        return self.OFFSET + h % self.buckets
+
+    def words(self, text):
+        return self.WORD.findall(text.lower())
 
     def encode(self, texts, max_len):
         """texts: list[str] -> LongTensor [B, T], T = max_len >= 2."""
@@ -838,33 +793,33 @@ class ByteTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = torch.full((len(texts), max_len), self.PAD, dtype=torch.long)
+        cache = {}
         for i, text in enumerate(texts):
-            b = text.encode("utf-8")
-            if len(b) > max_len - 2:
-                b = b[: max_len - 2]
-                while b and (b[-1] & 0xC0) == 0x80:  # drop continuation bytes of a cut character ...
-                    b = b[:-1]
-                if b and b[-1] >= 0xC0:  # ... and its lead byte
-                    b = b[:-1]
-            ids = [self.BOS] + [c + self.OFFSET for c in b] + [self.EOS]
-            out[i, : len(ids)] = torch.tensor(ids)
+            ids = [cache.setdefault(w, self.word_id(w)) for w in self.words(text)[: max_len - 2]]
+            out[i, : len(ids) + 2] = torch.tensor([self.BOS, *ids, self.EOS])
         return out
 
-    def decode(self, ids):
-        """LongTensor [B, T] (or [T], or lists) -> list[str]; stops at EOS, skips PAD/BOS, bad utf-8 replaced."""
+    def decode(self, ids, words=()):
+        """LongTensor [B, T] (or [T]) -> list[str]: stops at EOS, skips PAD/BOS; ids named through `words`."""
+        names = {self.word_id(w): w for w in words}
         ids = torch.as_tensor(ids)
-        if ids.dim() == 1:
-            ids = ids[None]
+        rows = ids[None].tolist() if ids.dim() == 1 else ids.tolist()
         texts = []
-        for row in ids.tolist():
-            b = bytearray()
+        for row in rows:
+            out = []
             for t in row:
                 if t == self.EOS:
                     break
                 if t >= self.OFFSET:
-                    b.append(min(t - self.OFFSET, 255))
-            texts.append(b.decode("utf-8", errors="replace"))
+                    out.append(names.get(t, f"<{t}>"))
+            texts.append(" ".join(out))
         return texts
+
+
+def embedded_words():
+    """Every word the embedded captions and the scripts' prompts use: public (the generator's own lists)."""
+    fixed = "a an and large small at the top bottom left right on in centre photo of image"
+    return sorted(set(fixed.split()) | set(SHAPE_CLASSES) | set(COLOUR_NAMES))
 
 
 # -----------------------------------------------------------------------------

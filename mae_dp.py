@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior, noise_budget
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -282,14 +282,17 @@ def clip_and_sum(grads, keep, clip):
 
 
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
-            noise_gen, canaries=None):
+            noise_gen, canaries=None, stats=None):
     """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's canary units of this step (accountant.CanaryAudit.rows), (units, m), one row each along
     the canary coordinates; clip_and_sum clips them like the examples' rows, and they are summed and noised with
     them, coming back under the key "canaries".
-    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
+    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN.
+    stats: a dict that receives "clipped_norm", ||sum_i clip(g_i)|| / B_expected before the noise, the real signal
+    that accountant.noise_to_signal bounds from above (this process's share under torchrun). It reads the private
+    data: logged only with --log-private."""
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
@@ -311,6 +314,8 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
+    if stats is not None:
+        stats["clipped_norm"] = float(torch.stack([s.norm() for s in summed.values()]).norm()) / expected_batch
     with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
         if canaries is not None:  # each canary unit is clipped as an example is, by the same function
             every = torch.ones(len(canaries), dtype=torch.bool, device=canaries.device)
@@ -562,7 +567,7 @@ def save_checkpoint(path, gens, rank, **state):
     os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
 
 
-def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, signal=None, **extra):
     """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
     the private data (the batch size counts the sampling coins), and so does the time (it grows with the number
     of physical batches, i.e. with the sample): they are logged only with --log-private. Strict JSON: eps inf
@@ -571,7 +576,7 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     rec = dict(step=step, **extra, eps=eps if eps < math.inf else None, lr=lr,
                noisy_grad_norm=float(torch.stack(update).norm()))
     if args.log_private:
-        rec.update(loss=loss, batch=batch, time=round(time.time() - t0, 3), private=True)
+        rec.update(loss=loss, batch=batch, clipped_grad_norm=signal, time=round(time.time() - t0, 3), private=True)
     log.write(json.dumps(rec, allow_nan=False) + "\n")
     log.flush()
     phase = "".join(f" ({v})" for v in extra.values())
@@ -707,6 +712,9 @@ def main(argv=None):
     # --- stage 2: ViP, DP-SGD on the private images ---
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    # noise sigma*C on a sum of B clipped per-example gradients, over every trained coordinate
+    budget, line = noise_budget(sigma=sigma, trained=sum(v.numel() for v in params.values()), units=args.batch_size)
+    print(line)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
     accountant = RDPAccountant()
     if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
@@ -732,6 +740,7 @@ def main(argv=None):
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world), canaries=audit.n_included if audit else 0)
     bar = tqdm(batches, total=args.steps - step, desc="ViP (DP-SGD)", dynamic_ncols=True, disable=not master)
+    stats = {}  # dp_step's clipped-sum norm: private, logged only with --log-private
     with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for physical_batches, sampled_canaries in bar:
             model.train()
@@ -742,7 +751,7 @@ def main(argv=None):
                 if is_private:
                     noisy, loss = dp_step(per_example_grads, params, buffers, physical_batches, load, clip=args.clip,
                                           noise_std=noise_std, expected_batch=args.batch_size, noise_gen=noise_gen,
-                                          canaries=canaries)
+                                          canaries=canaries, stats=stats)
                 else:  # NOT private: the same sample, unclipped and unnoised
                     noisy, loss = plain_step(batch_grad, params, buffers, physical_batches, load,
                                              expected_batch=args.batch_size)
@@ -758,7 +767,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.steps:
                 batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in physical_batches)))  # every rank: a collective
                 log_line(log, args, step=step, eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0,
-                         params=params, loss=loss, batch=batch)
+                         params=params, loss=loss, batch=batch, signal=stats.get("clipped_norm"))
                 checkpoint()
     end_processes(world)
     if not master:
@@ -771,7 +780,8 @@ def main(argv=None):
         encoder.load_state_dict(state)
         acc[name] = data.linear_probe(encoder.features, probe_train, probe_test, device=device)
     save_reconstructions(model, probe_test, out / "recon.png", device, args.mask_ratio)
-    summary = dict(method="ViP (mae_dp.py)", batch_size=args.batch_size, init=args.init, probe_data=probe_train.name,
+    summary = dict(method="ViP (mae_dp.py)", batch_size=args.batch_size, noise_signal=budget, init=args.init,
+                   probe_data=probe_train.name,
                    probe_accuracy_not_private=acc, device=str(device))
     release(out, model, summary, args=args, plan=plan, accountant=accountant, earlier=earlier, audit=audit,
             n_total=n_total, steps=step, data_name=private.name)

@@ -53,7 +53,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import data
-from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior
+from accountant import CanaryAudit, RDPAccountant, dp_sgd_plan, epsilon, init_prior, noise_budget
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -242,14 +242,17 @@ def clip_and_sum(grads, keep, clip):
 
 
 def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip, noise_std, expected_batch,
-            noise_gen, canaries=None):
+            noise_gen, canaries=None, stats=None):
     """One logical DP-SGD step. physical_batches: [(idx (B,), mask (B,))], one Poisson sample in fixed-shape
     vmap calls. noise_std: the Gaussian noise's standard deviation on the clipped sum, sigma * C (the sensitivity).
     Returns the privatised gradient {name: tensor} and the mean loss of the sampled examples (for logging).
     canaries: the audit's canary units of this step (accountant.CanaryAudit.rows), (units, m), one row each along
     the canary coordinates; clip_and_sum clips them like the examples' rows, and they are summed and noised with
     them, coming back under the key "canaries".
-    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN."""
+    A sampled example whose gradient is not finite stops the run (ValueError): no clip factor bounds a NaN.
+    stats: a dict that receives "clipped_norm", ||sum_i clip(g_i)|| / B_expected before the noise, the real signal
+    that accountant.noise_to_signal bounds from above (this process's share under torchrun). It reads the private
+    data: logged only with --log-private."""
     up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # float32 at least (a float64 test stays so)
     summed = {k: up(torch.zeros_like(v)) for k, v in params.items()}
     loss_sum, count, bad = 0.0, 0, 0
@@ -271,6 +274,8 @@ def dp_step(per_example_grads, params, buffers, physical_batches, load, *, clip,
     # then sums the shards, so the released sum is the one-process sum plus ONE noise draw, whatever the world
     # size. (The alternative, a shared noise seed on every rank after the reduction, draws world times for nothing.)
     first = not dist.is_initialized() or dist.get_rank() == 0
+    if stats is not None:
+        stats["clipped_norm"] = float(torch.stack([s.norm() for s in summed.values()]).norm()) / expected_batch
     with torch.autocast(next(iter(summed.values())).device.type, enabled=False):
         if canaries is not None:  # each canary unit is clipped as an example is, by the same function
             every = torch.ones(len(canaries), dtype=torch.bool, device=canaries.device)
@@ -562,7 +567,7 @@ def save_checkpoint(path, gens, rank, **state):
     os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
 
 
-def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
+def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, signal=None, **extra):
     """One metrics.jsonl line: released or public values only. The clean loss and the realised batch size read
     the private data (the batch size counts the sampling coins), and so does the time (it grows with the number
     of physical batches, i.e. with the sample): they are logged only with --log-private. Strict JSON: eps inf
@@ -571,7 +576,7 @@ def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, **extra):
     rec = dict(step=step, **extra, eps=eps if eps < math.inf else None, lr=lr,
                noisy_grad_norm=float(torch.stack(update).norm()))
     if args.log_private:
-        rec.update(loss=loss, batch=batch, time=round(time.time() - t0, 3), private=True)
+        rec.update(loss=loss, batch=batch, clipped_grad_norm=signal, time=round(time.time() - t0, 3), private=True)
     log.write(json.dumps(rec, allow_nan=False) + "\n")
     log.flush()
     phase = "".join(f" ({v})" for v in extra.values())
@@ -699,6 +704,11 @@ def main(argv=None):
     # --- phases II and III: DP-SGD on the private images, one accountant for both ---
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    budget = {}  # noise sigma*C on a sum of B clipped per-example gradients, over each phase's trained coordinates
+    for phase in (["linear_probe"] if lp_steps else []) + ["fine_tune"]:
+        d = sum(v.numel() for v in trainable_split(params, buffers, phase)[0].values())
+        budget[phase], line = noise_budget(sigma=sigma, trained=d, units=args.batch_size)
+        print(f"{phase}: {line}")
     opt = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum)
     ema = {k: v.clone() for k, v in params.items()}  # evaluated weights: a function of released ones, so free
     accountant = RDPAccountant()
@@ -735,6 +745,7 @@ def main(argv=None):
     batches = data.poisson_batches(N, q, args.steps - step, args.physical_batch, generator=sample_gen,
                                    shard=(rank, world), canaries=audit.n_included if audit else 0)
     bar = tqdm(batches, total=args.steps - step, desc="DP-SGD (phases II+III)", dynamic_ncols=True, disable=not master)
+    stats = {}  # dp_step's clipped-sum norm: private, logged only with --log-private
     with open(out / "metrics.jsonl" if master else os.devnull, "a") as log:
         for physical_batches, sampled_canaries in bar:
             model.train()
@@ -749,7 +760,7 @@ def main(argv=None):
                 if is_private:
                     noisy, loss = dp_step(grads_fn, trainable, frozen, physical_batches, inputs, clip=args.clip,
                                           noise_std=noise_std, expected_batch=args.batch_size, noise_gen=noise_gen,
-                                          canaries=canaries)
+                                          canaries=canaries, stats=stats)
                 else:  # NOT private: the same sample and inputs, unclipped and unnoised
                     noisy, loss = plain_step(grads_fn, trainable, frozen, physical_batches, inputs,
                                              expected_batch=args.batch_size)
@@ -769,7 +780,7 @@ def main(argv=None):
                 batch = int(all_ranks_sum(sum(int(m.sum()) for _, m in physical_batches)))  # every rank: a collective
                 log_line(log, args, step=step, phase="linear_probe" if probing else "fine_tune",
                          eps=accountant.epsilon(delta), lr=opt.param_groups[0]["lr"], t0=t0, params=params,
-                         loss=loss, batch=batch)
+                         loss=loss, batch=batch, signal=stats.get("clipped_norm"))
                 checkpoint()
     end_processes(world)
     if not master:
@@ -780,7 +791,8 @@ def main(argv=None):
     acc = accuracy(model, test, device)
     phases = [dict(phase="linear_probe", steps=lp_steps, q=q, sigma=sigma),
               dict(phase="fine_tune", steps=args.steps - lp_steps, q=q, sigma=sigma)]
-    summary = dict(method="DP-RandP (randp.py)", phases=phases, batch_size=args.batch_size, aug_mult=args.aug_mult,
+    summary = dict(method="DP-RandP (randp.py)", phases=phases, noise_signal=budget, batch_size=args.batch_size,
+                   aug_mult=args.aug_mult,
                    prior=not args.no_prior, width=args.width, test_data=test.name, test_accuracy=acc,
                    prior_time_s=t_prior, device=str(device))
     release(out, model, summary, args=args, plan=plan, accountant=accountant, earlier=earlier, audit=audit,

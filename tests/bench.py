@@ -230,7 +230,7 @@ def bench_cap():
     B = args.physical_batch
     x = torch.rand(B, 3, args.size, args.size, device=device) * 2 - 1
     caps = data.load_dataset("shapes", n=B).captions  # real caption lengths: padding is part of the cost
-    tokens = data.ByteTokenizer().encode(caps, args.max_len).to(device)
+    tokens = data.WordTokenizer(args.vocab).encode(caps, args.max_len).to(device)
     per_example_grads = M.make_per_example_grads(model, M.caption_loss)
     micro = [(torch.arange(B), torch.ones(B, dtype=torch.bool))]
     gen = torch.Generator(device=device).manual_seed(0)

@@ -17,9 +17,9 @@ SHARED_DATA = Path(os.environ.get("DP_REPR_SHARED_DATA", ROOT.parent / "shared" 
 TINY = {
     "mae_dp.py": ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
                   "--syn-steps", "3", "--syn-batch", "8", "--probe-n", "200", "--log-every", "2"],
-    "cap_dp.py": ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
-                  "--probe-n", "200", "--zero-shot-n", "20", "--max-len", "32", "--log-every", "2"],
-    "clip_dp.py": ["--model", "tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--micro-batch", "4",
+    "cap_dp.py": ["--model", "cnn-tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",
+                  "--probe-n", "200", "--zero-shot-n", "20", "--max-len", "8", "--log-every", "2"],
+    "clip_dp.py": ["--model", "cnn-tiny", "--size", "16", "--n", "300", "--batch-size", "40", "--micro-batch", "4",
                    "--physical-batch", "16", "--text-len", "12", "--probe-n", "200", "--retrieval-n", "100",
                    "--log-every", "2"],
     "randp.py": ["--width", "0.25", "--size", "16", "--n", "300", "--batch-size", "40", "--physical-batch", "16",

@@ -399,21 +399,17 @@ def test_secret_generator_on_cuda_uses_64_bits():
 # tokenizer
 
 
-def test_tokenizer_round_trip_and_truncation():
-    tok = data.ByteTokenizer()
-    texts = ["a red star", "数据隐私 学习", "café naïve résumé", "emoji 😀👍", ""]
-    ids = tok.encode(texts, 64)
-    assert ids.shape == (5, 64) and ids.dtype == torch.long and ids.max() < tok.vocab_size == 259
+def test_word_tokenizer_reads_any_script_and_cuts_long_captions():
+    tok = data.WordTokenizer()
+    texts = ["a red star", "数据隐私 学习", "Café naïve, résumé!", "emoji 😀 ok", ""]
+    ids = tok.encode(texts, 6)
+    assert ids.shape == (5, 6) and ids.dtype == torch.long and ids.max() < tok.vocab_size == 259
     assert (ids[:, 0] == tok.BOS).all() and ((ids == tok.EOS).sum(1) == 1).all()
-    assert tok.decode(ids) == texts
-    assert tok.decode(ids[1]) == [texts[1]]
-    cut = tok.encode(texts, 9)  # 7 bytes of room: cut at a character boundary, EOS kept
-    assert cut.shape == (5, 9) and ((cut == tok.EOS).sum(1) == 1).all()
-    for t, d in zip(texts, tok.decode(cut)):
-        assert t.startswith(d) and len(d.encode()) <= 7 and "\ufffd" not in d
-    assert tok.decode(torch.tensor([[1, 3 + 0xE6, 2, 3 + 65]])) == ["\ufffd"]  # bad utf-8 replaced, stops at EOS
-    with pytest.raises(ValueError):
-        tok.encode(["x"], 1)
+    assert tok.words(texts[2]) == ["café", "naïve", "résumé"] and tok.words(texts[3]) == ["emoji", "ok"]
+    words = [w for t in texts for w in tok.words(t)]
+    assert tok.decode(ids, words) == [" ".join(tok.words(t)) for t in texts]
+    cut = tok.encode(["one two three four five six"], 5)  # 3 words of room, EOS kept
+    assert tok.decode(cut, ["one", "two", "three"]) == ["one two three"] and cut[0, -1] == tok.EOS
 
 
 # -----------------------------------------------------------------------------

@@ -44,6 +44,8 @@ SHARED = (
     ("Attention", VIT),
     ("Block", VIT),
     ("ConvStem", ("cap_dp.py", "clip_dp.py")),
+    ("ConvEncoder", ("cap_dp.py", "clip_dp.py")),
+    ("clip_and_sum", ALL),
 )
 
 
