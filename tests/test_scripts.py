@@ -126,6 +126,50 @@ def test_smoke_run_writes_a_true_claim(smoke_run, script):
     assert f"done: eps={s['eps']:.3f}" in r.stdout  # what the user reads is the eps of the summary
 
 
+def trained_parameters(script, phase="fine_tune"):
+    """d of the TINY model of each script, counted on a model built here (TINY: size 16, the default patch 16 of
+    the tiny ViT, 259 word ids, text length 12 / 8 words)."""
+    if script == "mae_dp.py":
+        model = mae_dp.MAE(16, 16, 3, **mae_dp.SIZES["tiny"])
+    elif script == "cap_dp.py":
+        model = cap_dp.Captioner(16, 16, 3, **cap_dp.SIZES["cnn-tiny"], max_len=8, vocab=259)
+    elif script == "clip_dp.py":
+        model = clip_dp.CLIP(16, 16, 3, 12, 259, **clip_dp.SIZES["cnn-tiny"])
+    else:
+        model = randp.WRN(0.25, 10, 3)
+        model = model.head if phase == "linear_probe" else model
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("batch", [40, 20])
+@each_script
+def test_the_noise_signal_budget_is_printed_and_saved_before_training(smoke_run, tmp_path, script, batch):
+    """mult * sigma * sqrt(d) / K by hand, for two settings (B = 40, the smoke run's, and B = 20): K = B clipped
+    examples, or for clip_dp.py K = B / m micro-batches with mult 2; sigma from the accountant for that run."""
+    if batch == 40:
+        cwd, r = smoke_run(script)
+        out = cwd / "run"
+    else:
+        flags = [*tiny(script, 2), "--batch-size", "20", "--eps", "4", "--out", "b20"]
+        r = run_script(script, *flags, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = tmp_path / "b20"
+    steps = 4 if batch == 40 else 2
+    sigma = accountant.dp_sgd_plan(target_eps=4, n=300, batch_size=batch, steps=steps)["sigma"]
+    mult, K = (2, batch / 4) if script == "clip_dp.py" else (1, batch)
+    budget = json.loads((out / "summary.json").read_text())["noise_signal"]
+    phases = {"linear_probe": budget["linear_probe"], "fine_tune": budget["fine_tune"]} if script == "randp.py" else {
+        "fine_tune": budget}
+    printed = re.findall(r"noise/signal budget: d=([\d,]+) .*= ([\d.]+),", r.stdout)
+    assert len(printed) == len(phases)
+    for (phase, b), (d_text, ratio_text) in zip(phases.items(), printed):
+        d = trained_parameters(script, phase)
+        ratio = mult * sigma * d ** 0.5 / K
+        assert b["trained_parameters"] == d == int(d_text.replace(",", "")) and b["units_per_step"] == K
+        assert b["ratio"] == pytest.approx(ratio, rel=1e-9) and float(ratio_text) == pytest.approx(ratio, abs=5e-4)
+    assert r.stdout.index("noise/signal budget") < r.stdout.index("done: eps=")
+
+
 @each_script
 def test_resume_continues_step_and_epsilon(smoke_run, tmp_path, script):
     cwd, _ = smoke_run(script)
