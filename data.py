@@ -1078,15 +1078,15 @@ def _between(lo, hi, why="", *, above=False):
     return what, (lambda v: (lo < v if above else lo <= v) and v <= hi)
 
 
-_STEP = "a finite, positive learning rate; a larger one overflows float32 weights in a few steps"
+_FLOAT32 = "larger overflows float32 in the optimiser step"
 FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes.
     # The upper bounds are what can run: beyond them a run overflows float32 or memory, or cannot end.
     "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
     "delta": ("in (0, 1)", lambda v: 0 < v < 1),
-    "clip": _between(0, 1e6, "larger overflows float32 sums and noise", above=True),
+    "clip": _between(0, 1e30, "larger overflows the float32 noise sigma*C", above=True),
     "width": _between(0.25, 16, "WRN-16-k: 0.25 is the narrowest with 4 channels a group, 16 has ~44M parameters"),
-    **{k: _between(0, 1e3, _STEP, above=True) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
-    "wd": _between(0, 1e3, "a larger decay flips the weights' sign every step"),
+    **{k: _between(0, 1e30, _FLOAT32, above=True) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
+    "wd": _between(0, 1e30, _FLOAT32),
     **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
     "batch_size": _between(1, 1e8, "at most N, the examples it samples from"),
     "n": _between(1, 1e8, "the Poisson draw holds a float64 per example each step"),
