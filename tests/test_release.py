@@ -2,7 +2,12 @@
 clipping under autocast, float64 Poisson coins, eps composed over --init, and a stop on a non-finite gradient."""
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ import clip_dp
 import data
 import mae_dp
 import randp
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
 
 SCRIPTS = [mae_dp, cap_dp, clip_dp, randp]
 FLAGS = TINY["mae_dp.py"]  # the end-to-end runs here are mae_dp.py's
@@ -403,3 +408,54 @@ def test_a_resumed_run_ends_exactly_where_an_unbroken_one_does(M, tmp_path, monk
     M.main(["--out", "cut", "--resume"])
     a, b = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def start_live(script, *args, cwd):
+    """The script in a real process, its stdout unbuffered (read line by line), stderr kept."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def interrupted(p, signum):
+    """Send signum to a live run; its exit code and the error: lines it printed."""
+    p.send_signal(signum)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("M, signum", [(mae_dp, signal.SIGINT), (cap_dp, signal.SIGTERM), (clip_dp, signal.SIGTERM),
+                                       (randp, signal.SIGINT)], ids=lambda x: getattr(x, "__name__", None) or x.name)
+def test_a_live_run_interrupted_before_and_after_its_first_checkpoint_resumes_to_the_unbroken_run(M, signum, tmp_path,
+                                                                                                   monkeypatch):
+    """A real process interrupted by a signal (as Ctrl-C or a scheduler would) says so in one line and leaves a folder
+    that --resume continues: stopped before its first checkpoint, then after it, then resumed to the end, the run ends
+    with the weights and eps of the same run never stopped (--insecure-seed: the same secret streams)."""
+    script = f"{M.__name__}.py"
+    flags = [*TINY[script], "--eps", "4", "--steps", "10", "--insecure-seed",
+             *(["--lp-steps", "3"] if M is randp else [])]
+    monkeypatch.chdir(tmp_path)  # the public stage's cache, built by the unbroken run, serves the others
+    M.main([*flags, "--out", "whole"])
+    # 1. before its first checkpoint: once it has printed its privacy plan, before the model is trained
+    p = start_live(script, *flags, "--out", "cut", cwd=tmp_path)
+    while not p.stdout.readline().startswith("private data:"):
+        assert p.poll() is None, p.stderr.read()[-3000:]
+    code, errors = interrupted(p, signum)
+    assert code == 128 + signum and len(errors) == 1 and "before the first checkpoint" in errors[0], errors
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    # 2. --resume finds no checkpoint, so starts again at step 0; interrupted once its first checkpoint is written
+    p = start_live(script, *flags, "--out", "cut", "--resume", cwd=tmp_path)
+    while not (tmp_path / "cut" / "checkpoint.pt").exists():
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        time.sleep(0.005)
+    code, errors = interrupted(p, signum)
+    step = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"]
+    assert code == 128 + signum and len(errors) == 1, errors
+    assert f"interrupted ({signal.Signals(signum).name}) at step {step}" in errors[0] and "--resume" in errors[0]
+    assert not (tmp_path / "cut" / "summary.json").exists() or step == 10
+    # 3. --resume to its end
+    M.main(["--out", "cut", "--resume"])
+    a, b = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "cut" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s, t = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    assert s["eps"] == t["eps"] and s["steps"] == t["steps"] == 10
