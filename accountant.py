@@ -600,6 +600,13 @@ def init_prior(checkpoint, *, path, disjoint=False):
     if record is None:
         return dict(prior=None, note=f"--init {path}: public weights (no privacy record): cost no privacy",
                     pipeline=[])
+    # a record of the wrong shape could pass for a private run (any truthy "private") or break the release later
+    if not (isinstance(record, dict) and isinstance(record.get("private", True), bool)
+            and isinstance(record.get("accountant"), dict) and isinstance(record.get("pipeline", []), list)
+            and all(isinstance(p, dict) for p in record.get("pipeline", []))
+            and isinstance(record.get("not_private_reason") or "", str)):
+        raise ValueError(f"--init {path}: its privacy record is not one this project writes (private, accountant, "
+                         f"pipeline of the wrong types)")
     if not record.get("private", True):
         why = record.get("not_private_reason") or "--eps inf"
         if not disjoint:
@@ -608,7 +615,10 @@ def init_prior(checkpoint, *, path, disjoint=False):
         return dict(prior=None, note=f"--init {path}: a NOT private run ({why}) on data declared disjoint from "
                     "this run's (--init-data-disjoint)", pipeline=[])
     earlier = RDPAccountant()
-    earlier.load_state_dict(record["accountant"])  # checks it
+    try:
+        earlier.load_state_dict(record["accountant"])  # checks it
+    except ValueError as e:
+        raise ValueError(f"--init {path}: its privacy record's accountant is {e}") from None
     if disjoint:
         return dict(prior=None, note=f"--init {path}: a DP run on data declared disjoint from this run's "
                     "(--init-data-disjoint): its eps is not composed", pipeline=[])

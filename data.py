@@ -13,8 +13,10 @@ Every script imports this file and nothing else for data. It holds, in this orde
   a function of the public seed, the step and the example's index, never of the other examples sampled; rule 3),
   and a byte-level tokenizer that reads no data (rule 4);
 - the linear probe the scripts evaluate with;
-- the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
-  device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume;
+- the run plumbing the scripts share, so that bad input is one `error:` line and a signal one line after the last
+  checkpoint: the scripts' __main__ (run_main), checks of the flags, the environment, the device and --out (one run
+  per folder, a pid lock, a folder whose run died before its first checkpoint started again), checkpoints and
+  caches read safely and checked against the run, written atomically, metrics.jsonl trimmed on resume;
 - last, real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset
   shards, TSV/CSV of path<TAB>caption), all returned as one ImageDataset.
 

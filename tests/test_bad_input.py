@@ -673,6 +673,11 @@ def hostile(sets):
                                      (("png", _png_bytes(i)), ("txt", b"a circle"), ("cls", "²".encode()))])
     os.mkfifo(d / "fifo")
     os.mkfifo(d / "fifo.pt")
+    for name, record in (("init_private_words", {"private": "no", "accountant": {"history": []}, "pipeline": []}),
+                         ("init_pipeline_text", {"private": True, "accountant": {"history": []}, "pipeline": "x"}),
+                         ("init_accountant_text", {"private": True, "accountant": {"history": "x"}, "pipeline": []})):
+        torch.save({"model": {"encoder.cls_token": torch.zeros(1, 1, 32)}, "privacy": record, "script": "mae_dp"},
+                   d / f"{name}.pt")
     return d
 
 
@@ -815,6 +820,9 @@ HOSTILE = [
     ("data-dev-zero", ALL, lambda S, T, s: ["--data", "/dev/zero", "--out", "new"], "/dev/zero"),
     ("probe-fifo", ENCODERS, lambda S, T, s: [*SHAPES, "--probe-data", S / "fifo", "--out", "new"], "FIFO"),
     ("init-fifo", ENCODERS, lambda S, T, s: [*SHAPES, "--init", S / "fifo.pt", "--out", "new"], ["--init", "FIFO"]),
+    *[(f"init-{name}", ENCODERS, lambda S, T, s, n=name: [*SHAPES, "--init", S / f"init_{n}.pt", "--out", "new"],
+       ["--init", f"init_{name}.pt", what]) for name, what in (
+        ("private_words", "privacy record"), ("pipeline_text", "privacy record"), ("accountant_text", "accountant"))],
     ("cache-folder-is-a-file", ["mae_dp", "randp"], in_the_way("runs", "cache"), "runs/cache"),
     ("runs-is-a-file", ["mae_dp", "randp"], in_the_way("runs"), "runs"),
     *[(f"{name}-is-a-{kind}", ALL, lay_out(name, kind), name) for name, kind in (
