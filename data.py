@@ -992,16 +992,17 @@ def check_environment():
     """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (with MASTER_ADDR and MASTER_PORT), or none of them.
     Anything else would run a process that waits for peers that never come, or stays silent as a rank > 0."""
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    if all(v is None for v in env.values()):
+    if env["RANK"] is None and env["WORLD_SIZE"] is None:  # one process (a LOCAL_RANK alone is another launcher's)
         return
     bad = [f"{k}={v!r}" for k, v in env.items() if v is not None and not (v.isascii() and v.isdigit())]
     if bad:
         raise EnvError(f"{', '.join(bad)}: not a whole number >= 0; torchrun sets these (unset them to run one "
                        f"process)")
-    rank, world = int(env["RANK"] or 0), env["WORLD_SIZE"]
-    if world is None:
-        raise EnvError(f"RANK={rank} is set but WORLD_SIZE is not: start the processes with torchrun, or unset RANK")
-    world = int(world)
+    if env["RANK"] is None or env["WORLD_SIZE"] is None:
+        given, lacking = ("RANK", "WORLD_SIZE") if env["WORLD_SIZE"] is None else ("WORLD_SIZE", "RANK")
+        raise EnvError(f"{given}={env[given]} is set but {lacking} is not: start the processes with torchrun, or "
+                       f"unset {given}")
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     if not 0 <= rank < world:
         raise EnvError(f"RANK={rank} with WORLD_SIZE={world}: a rank must be in [0, WORLD_SIZE)")
     if world > 1:
@@ -1016,11 +1017,12 @@ def _out_of_memory(e):
         w in str(e) for w in ("can't allocate memory", "out of memory", "not enough memory"))
 
 
-def run_main(main):
+def run_main(main, *, torchrun=True):
     """What each script's __main__ runs: main() with bad input (DataError, ValueError, an OSError of a file) as one
     `error:` line and exit code 2; SIGINT or SIGTERM as one line once the last checkpoint is safe, exit code
     128 + the signal (130, 143); stdout and stderr that cannot fail the run (_Stream). Returns the exit code.
-    Under torchrun every rank fails alike, so rank 0 alone says why."""
+    Under torchrun every rank fails alike, so rank 0 alone says why; torchrun=False: a command that never runs
+    under it (data.py grid), whose environment is not checked."""
     _RUN.update(out=None, step=None, released=False, holding=0, pending=None, stopping=False)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -1030,7 +1032,8 @@ def run_main(main):
     say = lambda line: print(f"error: {' '.join(str(line).split())}", file=sys.stderr)
     master = lambda: os.environ.get("RANK", "0") == "0"
     try:
-        check_environment()
+        if torchrun:
+            check_environment()
         main()
         return 0
     except KeyboardInterrupt as e:
@@ -1056,6 +1059,7 @@ def run_main(main):
             say(f"out of memory ({_why(e)[:160]}): lower --physical-batch (memory only), --size or the model")
         return 2
     finally:
+        _RUN["stopping"] = True  # a signal from here on no longer interrupts anything: it is ignored
         sys.stdout.flush()  # a stdout that fails only at its last flush fails here, through _Stream, not at exit
         sys.stdout, sys.stderr = streams
         for s, h in handlers.items():
@@ -1086,7 +1090,7 @@ FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test.
     "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
     "delta": ("in (0, 1)", lambda v: 0 < v < 1),
     "clip": _between(0, 1e30, "larger overflows the float32 noise sigma*C", above=True),
-    "width": _between(0.25, 16, "WRN-16-k: 0.25 is the narrowest with 4 channels a group, 16 has ~44M parameters"),
+    "width": _between(0.25, 16, "WRN-16-k: narrower is widened to 4 channels a layer; 16 has 44M parameters"),
     **{k: _between(0, 1e30, _FLOAT32, above=True) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
     "wd": _between(0, 1e30, _FLOAT32),
     **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
@@ -1174,7 +1178,8 @@ def check_command(parser, args):
     if args.out is not None:
         if not args.out.strip():
             raise ValueError("--out is empty: give the run's folder (default runs/<name>)")
-        if Path(args.out).expanduser().resolve() == Path(Path(args.out).resolve().anchor):
+        where = Path(args.out).expanduser().resolve()
+        if where == Path(where.anchor):
             raise ValueError(f"--out {args.out} is the filesystem root: give the run a folder of its own")
     if args.name is not None and (args.name.strip() in ("", ".", "..") or any(c in args.name for c in "/\\\0")):
         raise ValueError(f"--name {args.name!r} must be a plain folder name (no /, not . or ..): the run goes to "
@@ -2271,5 +2276,5 @@ def _subset(ds, n, seed):
     return out
 
 
-if __name__ == "__main__":
-    sys.exit(_grid_main(sys.argv[1:]))
+if __name__ == "__main__":  # run_main: a Ctrl-C, a closed pipe or a bad environment is one line here too
+    sys.exit(run_main(lambda: sys.exit(_grid_main(sys.argv[1:])), torchrun=False))

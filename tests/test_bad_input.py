@@ -895,6 +895,7 @@ HOSTILE = [
     ("env-world-without-torchrun", ALL, ENV(RANK=0, WORLD_SIZE=2, LOCAL_RANK=0), ["MASTER_ADDR", "torchrun"]),
     ("env-rank-past-world", ALL, ENV(RANK=3, WORLD_SIZE=2), ["RANK=3", "WORLD_SIZE=2"]),
     ("env-world-zero", ALL, ENV(RANK=0, WORLD_SIZE=0), "WORLD_SIZE=0"),
+    ("env-world-alone", ALL, ENV(WORLD_SIZE=2), ["WORLD_SIZE=2", "RANK is not"]),
     ("wds-cls-superscript", ALL, data_case("wds"), ["shard-0.tar:k0.cls", "whole-number"]),
 ]
 HOSTILE_TABLE = [pytest.param(script, setup, words, id=f"{script}-{cid}")
