@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import accountant
 import cap_dp
@@ -424,16 +425,32 @@ def interrupted(p, signum):
     return p.returncode, [line for line in err.splitlines() if line.startswith("error:")]
 
 
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """Two classes of 20x20 PNGs, 4 a class to train and 8 to test: a run that ends evaluates on 16 images."""
+    root = tmp_path_factory.mktemp("small")
+    for split, k in (("train", 4), ("test", 8)):
+        for c, label in (("a", 0), ("b", 1)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(k):
+                pixels = np.random.default_rng([label, i, k]).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
 @pytest.mark.parametrize("M, signum", [(mae_dp, signal.SIGINT), (cap_dp, signal.SIGTERM), (clip_dp, signal.SIGTERM),
                                        (randp, signal.SIGINT)], ids=lambda x: getattr(x, "__name__", None) or x.name)
 def test_a_live_run_interrupted_before_and_after_its_first_checkpoint_resumes_to_the_unbroken_run(M, signum, tmp_path,
-                                                                                                   monkeypatch):
+                                                                                                   monkeypatch,
+                                                                                                   small_set):
     """A real process interrupted by a signal (as Ctrl-C or a scheduler would) says so in one line and leaves a folder
     that --resume continues: stopped before its first checkpoint, then after it, then resumed to the end, the run ends
-    with the weights and eps of the same run never stopped (--insecure-seed: the same secret streams)."""
+    with the weights and eps of the same run never stopped (--insecure-seed: the same secret streams). Evaluated
+    on the small set (randp.py: trained on it too), so that the runs that end are quick."""
     script = f"{M.__name__}.py"
-    flags = [*TINY[script], "--eps", "4", "--steps", "10", "--insecure-seed",
-             *(["--lp-steps", "3"] if M is randp else [])]
+    evaluated = (["--data", small_set, "--n", "8", "--batch-size", "4", "--lp-steps", "3"] if M is randp
+                 else ["--probe-data", small_set])
+    flags = [*TINY[script], "--eps", "4", "--steps", "10", "--insecure-seed", *map(str, evaluated)]
     monkeypatch.chdir(tmp_path)  # the public stage's cache, built by the unbroken run, serves the others
     M.main([*flags, "--out", "whole"])
     # 1. before its first checkpoint: once it has printed its privacy plan, before the model is trained
