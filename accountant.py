@@ -641,6 +641,13 @@ def init_prior(checkpoint, *, path, disjoint=False):
     if record is None:
         return dict(prior=None, note=f"--init {path}: public weights (no privacy record): cost no privacy",
                     pipeline=[])
+    # a record of the wrong shape could pass for a private run (any truthy "private") or break the release later
+    if not (isinstance(record, dict) and isinstance(record.get("private", True), bool)
+            and isinstance(record.get("accountant"), dict) and isinstance(record.get("pipeline", []), list)
+            and all(isinstance(p, dict) for p in record.get("pipeline", []))
+            and isinstance(record.get("not_private_reason") or "", str)):
+        raise ValueError(f"--init {path}: its privacy record is not one this project writes (private, accountant, "
+                         f"pipeline of the wrong types)")
     if not record.get("private", True):
         why = record.get("not_private_reason") or "--eps inf"
         if not disjoint:
@@ -649,7 +656,10 @@ def init_prior(checkpoint, *, path, disjoint=False):
         return dict(prior=None, note=f"--init {path}: a NOT private run ({why}) on data declared disjoint from "
                     "this run's (--init-data-disjoint)", pipeline=[])
     earlier = RDPAccountant()
-    earlier.load_state_dict(record["accountant"])  # checks it
+    try:
+        earlier.load_state_dict(record["accountant"])  # checks it
+    except ValueError as e:
+        raise ValueError(f"--init {path}: its privacy record's accountant is {e}") from None
     if disjoint:
         return dict(prior=None, note=f"--init {path}: a DP run on data declared disjoint from this run's "
                     "(--init-data-disjoint): its eps is not composed", pipeline=[])
@@ -888,10 +898,16 @@ def _check_q(q):
     return q
 
 
+SIGMA_RANGE = (1e-8, 1e100)  # outside it (0 and inf aside) the RDP sums overflow float64
+
+
 def _check_sigma(sigma):
     sigma = _real("sigma", sigma)
     if sigma < 0:
         raise ValueError(f"sigma (noise multiplier) must be >= 0, got {sigma:g}")
+    if sigma not in (0, math.inf) and not SIGMA_RANGE[0] <= sigma <= SIGMA_RANGE[1]:
+        raise ValueError(f"sigma (noise multiplier) must be 0, inf or >= {SIGMA_RANGE[0]:g} and <= "
+                         f"{SIGMA_RANGE[1]:g} (beyond, RDP overflows float64), got {sigma:g}")
     return sigma
 
 
@@ -909,10 +925,15 @@ def _check_eps(eps):
     return eps
 
 
+MAX_STEPS = 10 ** 15  # steps times a step's RDP stays a float64 with room to spare
+
+
 def _check_steps(steps):
     x = _real("steps", steps)
     if not (math.isfinite(x) and x >= 0 and x == int(x)):
         raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
+    if x > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS:.0e}, got {steps!r}")
     return int(x)
 
 
@@ -950,6 +971,12 @@ def main(argv=None):
     d.add_argument("--epochs", type=float, default=None, help="epochs E: steps = ceil(E N / B)")
     args = p.parse_args(argv)
     try:
+        lo, hi = SIGMA_RANGE
+        if args.sigma is not None and not (args.sigma == 0 or lo <= args.sigma <= hi):
+            raise ValueError(f"--sigma must be 0 or >= {lo:g} and <= {hi:g} (beyond, RDP overflows float64), "
+                             f"got {args.sigma:g}")
+        if args.steps is not None and not 0 <= args.steps <= MAX_STEPS:
+            raise ValueError(f"--steps must be >= 0 and <= {MAX_STEPS:.0e}, got {args.steps}")
         if (args.batch_size is None) != (args.n is None):
             raise ValueError("--batch-size and --n go together")
         if args.batch_size is not None:
@@ -969,8 +996,9 @@ def main(argv=None):
         if args.steps is None:
             if args.epochs is None or args.batch_size is None:
                 raise ValueError("give --steps, or --epochs with --batch-size and --n")
-            if not 0 <= args.epochs < math.inf:
-                raise ValueError(f"--epochs must be >= 0, got {args.epochs:g}")
+            if not 0 <= args.epochs <= MAX_STEPS * args.batch_size / args.n:
+                raise ValueError(f"--epochs must be >= 0 and <= {MAX_STEPS * args.batch_size / args.n:.3g} (steps = "
+                                 f"ceil(E N / B) <= {MAX_STEPS:.0e}), got {args.epochs:g}")
             args.steps = math.ceil(args.epochs * args.n / args.batch_size)
         elif args.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")

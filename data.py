@@ -13,8 +13,10 @@ Every script imports this file and nothing else for data. It holds, in this orde
   a function of the public seed, the step and the example's index, never of the other examples sampled; rule 3),
   and a word tokenizer (a fixed hash) that reads no data (rule 4);
 - the linear probe the scripts evaluate with;
-- the run plumbing the scripts share, so that bad input is one `error:` line: checks of the numeric flags, the
-  device and --out (one run per folder, a pid lock), checkpoints read safely, metrics.jsonl trimmed on resume;
+- the run plumbing the scripts share, so that bad input is one `error:` line and a signal one line after the last
+  checkpoint: the scripts' __main__ (run_main), checks of the flags, the environment, the device and --out (one run
+  per folder, a pid lock, a folder whose run died before its first checkpoint started again), checkpoints and
+  caches read safely and checked against the run, written atomically, metrics.jsonl trimmed on resume;
 - last, real formats behind one loader (CIFAR pickles, MNIST IDX, image folders, COCO captions, webdataset
   shards, TSV/CSV of path<TAB>caption), all returned as one ImageDataset.
 
@@ -29,6 +31,7 @@ Every script imports this file and nothing else for data. It holds, in this orde
 """
 import argparse
 import atexit
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -40,9 +43,13 @@ import os
 import pickle
 import re
 import secrets
+import signal
+import stat
 import sys
 import tarfile
+import threading
 import warnings
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -172,6 +179,7 @@ class DataError(Exception):
 
 
 MEMO_BYTES = 2 * 1024 ** 3  # lazy sets keep decoded pixels in memory up to this size
+FULL_CHECK_N = 50_000  # lazy sets up to this size that fit in MEMO_BYTES are decoded in full before training
 
 
 class ImageDataset:
@@ -182,14 +190,15 @@ class ImageDataset:
     decoded when the whole set fits in MEMO_BYTES (so only the first epoch pays for decoding).
     channels is 3 (RGB), or 1 for grey sets (MNIST, Fashion-MNIST): to_rgb() / to_grey() convert.
     labels: LongTensor [N] or None; classes: class names or None; captions: one str per example or None.
+    check(i): a cheaper test that example i can be decoded (its file's header and end), for check_all.
     """
 
-    def __init__(self, name, *, size, channels, n=None, pixels=None, decode=None, labels=None, classes=None,
-                 captions=None):
+    def __init__(self, name, *, size, channels, n=None, pixels=None, decode=None, check=None, labels=None,
+                 classes=None, captions=None):
         if pixels is None and decode is None:
             raise ValueError("ImageDataset needs pixels or decode")
         self.name, self.size, self.channels = name, size, channels
-        self._pixels, self._decode = pixels, decode
+        self._pixels, self._decode, self._check = pixels, decode, check
         self._memo, self._memo_done = None, None  # decoded images of a lazy set, when they fit in MEMO_BYTES
         self._n = len(pixels) if pixels is not None else n
         self.labels = labels
@@ -219,6 +228,21 @@ class ImageDataset:
         for j, i in enumerate(idx.tolist()):
             out[j] = self._decode(i)
         return out
+
+    def check_all(self):
+        """Read every example of a file-backed set once, before any training, so that a file that is not an image
+        or is cut short is one DataError line now, not when (and whether) a secret sample draws it mid-run. A set
+        that fits in MEMO_BYTES with at most FULL_CHECK_N examples is decoded in full (and kept: training then
+        reads memory); a larger one has each file's header and end checked."""
+        if self._decode is None:
+            return
+        if self._n * self.channels * self.size ** 2 <= MEMO_BYTES and self._n <= FULL_CHECK_N:
+            for s in range(0, self._n, 1024):
+                self.images(torch.arange(s, min(s + 1024, self._n)))
+        elif self._check is not None:
+            print(f"{self.name}: checking the {self._n} images' files once, before training")
+            for i in range(self._n):
+                self._check(i)
 
     def __repr__(self):
         extra = [k for k in ("labels", "captions") if getattr(self, k) is not None]
@@ -255,6 +279,32 @@ def to_channels(x, channels):
 def _why(e):
     """An exception as one short line for a DataError message."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+def _whole(x):
+    """An int that is no bool (numpy integers count): a label, an id, an offset."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _text(s):
+    """A str that can be written as UTF-8: no lone surrogates, which JSON's \\ud800 escapes can produce."""
+    if not isinstance(s, str):
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _kind(x):
+    """What x is, in a few words, for a message about a field of the wrong type."""
+    if isinstance(x, np.ndarray):
+        return f"a {x.dtype} array of shape {x.shape}"
+    if isinstance(x, (list, tuple)):
+        inner = sorted({type(v).__name__ for v in x[:1000]})
+        return f"a {type(x).__name__} of {len(x)}" + (f" ({', '.join(inner)})" if inner else "")
+    return ascii(x)[:60] if isinstance(x, (str, bytes, int, float)) or x is None else f"a {type(x).__name__}"
 
 
 def _seed_from(*parts):
@@ -433,6 +483,8 @@ def shapes(split="train", *, size=32, n=None, seed=0, objects=1):
         raise DataError(f"shapes: n must be positive, got {n}")
     if size < 8:
         raise DataError(f"shapes: size must be at least 8, got {size}")
+    # the set is kept (twice while its chunks are joined) and each chunk of 500 is drawn in float tensors
+    check_memory(2 * n * 3 * size ** 2 + _CHUNK * size ** 2 * 96, f"shapes: {n} scenes of 3x{size}x{size}")
     images, labels, captions = _shapes_cached(int(seed), split, int(size), n, int(objects))
     name = "shapes" if objects == 1 else f"shapes{objects}"
     return ImageDataset(f"{name}-{split}", size=size, channels=3, pixels=images, labels=labels,
@@ -539,6 +591,9 @@ def random_process_images(n, size=32, *, kinds=PRIOR_KINDS, generator=None):
     bad = [k for k in kinds if k not in _GENERATORS]
     if bad or not kinds:
         raise ValueError(f"unknown random-process kind(s) {bad or kinds}; choose from {PRIOR_KINDS}")
+    need = max(min(n, 256) * 40 * size ** 2 * 2, n * size ** 2 * 96)  # dead leaves' [256, 40, S, S]; float fields
+    if need > 2 ** 28:
+        check_memory(need, f"{n} random-process images of {size}x{size}")
     counts = [n // len(kinds)] * len(kinds)
     for j in torch.randperm(len(kinds), generator=generator)[: n - sum(counts)].tolist():
         counts[j] += 1
@@ -593,17 +648,24 @@ def save_grid(images, path, *, nrow=8, captions=None, scale=1):
     grid.save(path)
 
 
+GRID_MAX = 1024  # images in one grid PNG
+
+
 def _grid_main(argv):
     """python data.py grid KIND OUT.png [N]: a grid of shapes (with captions), of a dataset, or of a random-process
     kind. Returns the exit code; bad arguments are one `error:` line, exit code 2."""
     usage = "usage: python data.py grid {shapes|dead_leaves|spectral|shaders|PATH} OUT.png [N]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) not in (3, 4) or argv[0] != "grid":
-        print(usage, file=sys.stderr)
+        print(f"error: {'expected grid KIND OUT.png [N]' if argv else 'no command'}, got {len(argv)} "
+              f"argument(s) ({usage})", file=sys.stderr)
         return 2
     kind, out, n_arg = argv[1], Path(argv[2]), argv[3] if len(argv) == 4 else "32"
     try:
-        if not n_arg.isdigit() or int(n_arg) < 1:
-            raise DataError(f"N must be a whole number >= 1, got {n_arg!r}")
+        if not (n_arg.isascii() and n_arg.isdigit()) or not 1 <= int(n_arg) <= GRID_MAX:
+            raise DataError(f"N must be a whole number in [1, {GRID_MAX}] (one PNG holds them all), got {n_arg!r}")
         count = int(n_arg)
         if out.is_dir() or not out.parent.is_dir():
             raise DataError(f"{out}: {'a folder' if out.is_dir() else 'its folder does not exist'}; give a .png path")
@@ -863,28 +925,237 @@ def linear_probe(encode, train, test, *, device, batch=256, steps=200):
 
 
 # -----------------------------------------------------------------------------
-# run plumbing shared by the scripts (no DP here): flags, device, output folder, checkpoints, metrics, labels
-# and captions.
-# Each script calls these at the same place with the same lines, so that bad input ends in one `error:` line
-# (the scripts' __main__ turns DataError and ValueError into it, exit code 2) before anything is read or written.
+# run plumbing shared by the scripts (no DP here): the __main__ wrapper, flags, device, output folder, checkpoints
+# and caches read and written safely, metrics, labels and captions.
+# Each script calls these at the same place with the same lines, so that bad input ends in one `error:` line (exit
+# code 2) before anything is read or written, Ctrl-C or SIGTERM in one line once the last checkpoint is safe, and a
+# run never leaves a folder that neither a rerun nor --resume accepts.
 
-_at_least = lambda lo: (f">= {lo}", lambda v: lo <= v < math.inf)
-FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised wherever the run is, except inside a checkpoint or release write (held to its end).
+    A KeyboardInterrupt, so that no `except Exception` on the way turns it into another error."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class EnvError(ValueError):
+    """A launcher variable (RANK, WORLD_SIZE, ...) that does not describe a torchrun process: every process says it."""
+
+
+# What the current run has reached, for the line an interruption prints: its --out, the step of its last checkpoint
+# (written, or resumed from), whether its release is written; and the signal state (a write in progress holds it).
+_RUN = dict(out=None, step=None, released=False, holding=0, pending=None, stopping=False)
+
+
+def _on_signal(signum, frame):
+    if _RUN["stopping"]:  # the run is already stopping: a second Ctrl-C waits for it to end
+        return
+    if _RUN["holding"]:  # a checkpoint or the release is being written: stop right after it
+        _RUN["pending"] = signum
+        return
+    _RUN["stopping"] = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM while a file is written and renamed into place; an interruption that came meanwhile
+    is raised when the block ends (never while an exception is already on its way)."""
+    _RUN["holding"] += 1
+    try:
+        yield
+    finally:
+        _RUN["holding"] -= 1
+    if not _RUN["holding"] and _RUN["pending"] is not None and not _RUN["stopping"]:
+        _RUN["stopping"] = True
+        raise Interrupted(_RUN["pending"])
+
+
+class _Stream:
+    """stdout or stderr such that printing can never stop a run or spoil its release: text the terminal's encoding
+    lacks (PYTHONIOENCODING=ascii) is escaped, and once a write fails (a closed pipe: `| head -1`; a full disk:
+    `> /dev/full`) the rest is dropped, one warning saying so on stderr, and the run goes on to its end."""
+
+    def __init__(self, stream, name):
+        self._stream, self._name, self._dead = stream, name, False
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+    def write(self, text):
+        if not self._dead:
+            try:
+                return self._stream.write(text)
+            except OSError as e:
+                self._die(e)
+        return len(text)
+
+    def flush(self):
+        if not self._dead:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self._die(e)
+
+    def _die(self, e):
+        self._dead = True
+        try:  # the interpreter flushes the stream again at exit: its file descriptor now points at /dev/null
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self._name == "stdout":
+            print(f"warning: stdout: {_why(e)}; the run goes on without printing", file=sys.stderr)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def check_environment():
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (with MASTER_ADDR and MASTER_PORT), or none of them.
+    Anything else would run a process that waits for peers that never come, or stays silent as a rank > 0."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if env["RANK"] is None and env["WORLD_SIZE"] is None:  # one process (a LOCAL_RANK alone is another launcher's)
+        return
+    bad = [f"{k}={v!r}" for k, v in env.items() if v is not None and not (v.isascii() and v.isdigit())]
+    if bad:
+        raise EnvError(f"{', '.join(bad)}: not a whole number >= 0; torchrun sets these (unset them to run one "
+                       f"process)")
+    if env["RANK"] is None or env["WORLD_SIZE"] is None:
+        given, lacking = ("RANK", "WORLD_SIZE") if env["WORLD_SIZE"] is None else ("WORLD_SIZE", "RANK")
+        raise EnvError(f"{given}={env[given]} is set but {lacking} is not: start the processes with torchrun, or "
+                       f"unset {given}")
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if not 0 <= rank < world:
+        raise EnvError(f"RANK={rank} with WORLD_SIZE={world}: a rank must be in [0, WORLD_SIZE)")
+    if world > 1:
+        missing = [k for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise EnvError(f"WORLD_SIZE={world} without {', '.join(missing)}: start the processes with torchrun "
+                           f"(it sets them all), or unset RANK and WORLD_SIZE")
+
+
+def _out_of_memory(e):
+    return isinstance(e, MemoryError) or isinstance(e, torch.OutOfMemoryError) or any(
+        w in str(e) for w in ("can't allocate memory", "out of memory", "not enough memory"))
+
+
+def run_main(main, *, torchrun=True):
+    """What each script's __main__ runs: main() with bad input (DataError, ValueError, an OSError of a file) as one
+    `error:` line and exit code 2; SIGINT or SIGTERM as one line once the last checkpoint is safe, exit code
+    128 + the signal (130, 143); stdout and stderr that cannot fail the run (_Stream). Returns the exit code.
+    Under torchrun every rank fails alike, so rank 0 alone says why; torchrun=False: a command that never runs
+    under it (data.py grid), whose environment is not checked."""
+    _RUN.update(out=None, step=None, released=False, holding=0, pending=None, stopping=False)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Stream(sys.stdout, "stdout"), _Stream(sys.stderr, "stderr")
+    say = lambda line: print(f"error: {' '.join(str(line).split())}", file=sys.stderr)
+    master = lambda: os.environ.get("RANK", "0") == "0"
+    try:
+        if torchrun:
+            check_environment()
+        main()
+        return 0
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if master():
+            say(_interrupted_line(signal.Signals(signum).name))
+        return 128 + signum
+    except EnvError as e:
+        say(e)
+        return 2
+    except (DataError, ValueError) as e:
+        if master():
+            say(e)
+        return 2
+    except OSError as e:  # a file this run reads or writes: disk full, no permission, not a file
+        if master():
+            say(f"{e.filename}: {e.strerror or _why(e)}" if e.filename else _why(e))
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        if master():
+            say(f"out of memory ({_why(e)[:160]}): lower --physical-batch (memory only), --size or the model")
+        return 2
+    finally:
+        _RUN["stopping"] = True  # a signal from here on no longer interrupts anything: it is ignored
+        sys.stdout.flush()  # a stdout that fails only at its last flush fails here, through _Stream, not at exit
+        sys.stdout, sys.stderr = streams
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _interrupted_line(name):
+    out, step = _RUN["out"], _RUN["step"]
+    if _RUN["released"]:
+        return f"interrupted ({name}) after the release was written: {out} holds the finished run"
+    if step is not None:
+        return f"interrupted ({name}) at step {step}, its last checkpoint; continue with --resume --out {out}"
+    if out is not None:
+        return (f"interrupted ({name}) before the first checkpoint: nothing to resume; a rerun (or --resume) "
+                f"starts {out} again at step 0")
+    return f"interrupted ({name}) before the run started; nothing was written"
+
+
+def _between(lo, hi, why="", *, above=False):
+    """(what, test) of a flag in [lo, hi] ((lo, hi] with above=True)."""
+    what = f"{'>' if above else '>='} {lo:g} and <= {hi:g}" + (f" ({why})" if why else "")
+    return what, (lambda v: (lo < v if above else lo <= v) and v <= hi)
+
+
+_FLOAT32 = "larger overflows float32 in the optimiser step"
+FLAG_RULES = {  # numeric flag -> (what it must be, test); NaN fails every test. A None value (not given) passes.
+    # The upper bounds are what can run: beyond them a run overflows float32 or memory, or cannot end.
     "eps": ("> 0 (inf: the non-private reference)", lambda v: v > 0),
     "delta": ("in (0, 1)", lambda v: 0 < v < 1),
-    "clip": ("finite and > 0", lambda v: 0 < v < math.inf),
-    "width": ("finite and > 0", lambda v: 0 < v < math.inf),
-    **{k: ("finite and > 0", lambda v: 0 < v < math.inf) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
-    "wd": _at_least(0),
+    "clip": _between(0, 1e30, "larger overflows the float32 noise sigma*C", above=True),
+    "width": _between(0.25, 16, "WRN-16-k: narrower is widened to 4 channels a layer; 16 has 44M parameters"),
+    **{k: _between(0, 1e30, _FLOAT32, above=True) for k in ("lr", "lp_lr", "syn_lr", "prior_lr")},
+    "wd": _between(0, 1e30, _FLOAT32),
     **{k: ("in [0, 1)", lambda v: 0 <= v < 1) for k in ("mask_ratio", "ema", "momentum")},
-    **{k: _at_least(1) for k in ("batch_size", "physical_batch", "steps", "n", "size", "patch", "zero_shot_n",
-                                 "retrieval_n", "syn_batch", "prior_batch", "tan_batch", "aug_mult", "log_every")},
-    "probe_n": (">= 2 (the probe standardises features over its examples)", lambda v: 2 <= v < math.inf),
-    **{k: _at_least(0) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps", "audit")},
-    **{k: (">= 2 (BOS and EOS)", lambda v: 2 <= v < math.inf) for k in ("max_len", "text_len")},
-    "micro_batch": (">= 2 (a contrastive loss needs another pair)", lambda v: 2 <= v < math.inf),
+    "batch_size": _between(1, 1e8, "at most N, the examples it samples from"),
+    "n": _between(1, 1e8, "the Poisson draw holds a float64 per example each step"),
+    "steps": _between(1, 1e9),
+    "log_every": _between(1, 1e9),
+    **{k: _between(0, 1e9) for k in ("warmup", "syn_steps", "prior_steps", "lp_steps")},
+    "size": _between(1, 1024, "one image must fit a per-example gradient in memory"),
+    "patch": _between(1, 1024),
+    **{k: _between(1, 65536, "images in one call") for k in ("physical_batch", "syn_batch", "prior_batch")},
+    "tan_batch": _between(1, 1e8),
+    "aug_mult": _between(1, 64, "each example's views go through one call; the paper uses 16"),
+    "probe_n": _between(2, 1e6, "the probe standardises features over its examples and fits them in one batch"),
+    "zero_shot_n": _between(1, 1e5),
+    "retrieval_n": _between(1, 20000, "retrieval holds an N x N similarity matrix"),
+    "audit": _between(0, 20000, "the canary rows of a step are up to M x M floats"),
+    **{k: _between(2, 1024, "BOS, EOS and up to 1022 words of a caption") for k in ("max_len", "text_len")},
+    "vocab": _between(1, 2 ** 20, "word hash buckets: each is a row of the embedding (and of cap's output layer)"),
+    "crop": _between(0, 64, "a shift of at most that many pixels"),
+    "micro_batch": _between(2, 1e8, "a contrastive loss needs another pair"),
     "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
 }
+FLAG_PAIRS = (  # (flag, other, test, what): rules between two flags, checked once both hold a value
+    ("micro_batch", "batch_size", lambda m, b: m <= b, "at most --batch-size {other}: K = round(B/m) micro-batches "
+                                                       "per step, and one must hold about m pairs"),
+    ("tan_batch", "batch_size", lambda t, b: t <= b, "at most --batch-size {other}"),
+)
+UNUSED_FLAGS = (  # (flags, when this run would not use them, why): typed anyway, they are named in a note
+    (("captions",), lambda a: a.data not in EMBEDDED, "it styles the embedded set's captions only"),
+    (("init_data_disjoint",), lambda a: getattr(a, "init", "none") in ("none", "syn"), "there is no --init run"),
+    (("syn_steps", "syn_batch", "syn_lr"), lambda a: a.init != "syn", "stage 1 (ViP-Syn) runs with --init syn only"),
+    (("prior_steps", "prior_batch", "prior_lr", "lp_steps", "lp_lr", "lp_features"), lambda a: a.no_prior,
+     "--no-prior skips phases I and II"),
+    (("clip",), lambda a: a.eps == math.inf, "--eps inf clips nothing"),
+    (("name",), lambda a: a.out is not None, "--out names the folder"),
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -909,15 +1180,47 @@ def typed_flags(parser, dests):
     return [k for k, v in vars(typed).items() if v is not unset]
 
 
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_flags(args):
-    """Every numeric flag of a script's argparse Namespace against FLAG_RULES, before any data is read: a value
-    that would train on nonsense (--clip nan, --n 0, --log-every 0) is a ValueError naming the flag. Flags a
-    script adds must get a rule here (tests/test_bad_input.py checks that each one has)."""
+    """Every numeric flag of a script's argparse Namespace against FLAG_RULES and FLAG_PAIRS, before any data is
+    read: a value that would train on nonsense (--clip nan, --n 0, --log-every 0) or cannot run (--clip 1e308,
+    --size 100000) is a ValueError naming the flag and its bound. Flags a script adds must get a rule here
+    (tests/test_bad_input.py checks that each one has)."""
     for name, value in vars(args).items():
         if name in FLAG_RULES and value is not None:
             what, ok = FLAG_RULES[name]
-            if not ok(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+            if not _number(value) or not ok(value):
+                got = value if _number(value) else repr(value)
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {got}")
+    for name, other, ok, what in FLAG_PAIRS:
+        a, b = getattr(args, name, None), getattr(args, other, None)
+        if a is not None and b is not None and not ok(a, b):
+            raise ValueError(f"--{name.replace('_', '-')} {a} must be {what.format(other=b)}")
+
+
+def check_command(parser, args):
+    """The command line before anything runs: --out and --name must name a folder this run may fill (not empty,
+    not the filesystem root, a --name that stays inside runs/), and flags typed where this run would not use them
+    are named in a note, so that nothing typed is dropped without a word."""
+    if args.out is not None:
+        if not args.out.strip():
+            raise ValueError("--out is empty: give the run's folder (default runs/<name>)")
+        where = Path(args.out).expanduser().resolve()
+        if where == Path(where.anchor):
+            raise ValueError(f"--out {args.out} is the filesystem root: give the run a folder of its own")
+    if args.name is not None and (args.name.strip() in ("", ".", "..") or any(c in args.name for c in "/\\\0")):
+        raise ValueError(f"--name {args.name!r} must be a plain folder name (no /, not . or ..): the run goes to "
+                         f"runs/<name>")
+    if args.resume:  # a resumed run's flags are its checkpoint's, already noted when it started
+        return
+    typed = set(typed_flags(parser, vars(args)))
+    for flags, unused, why in UNUSED_FLAGS:
+        hit = [f for f in flags if f in typed]
+        if hit and unused(args):
+            print(f"note: {', '.join('--' + f.replace('_', '-') for f in hit)} not used: {why}")
 
 
 def pick_device(name):
@@ -939,8 +1242,31 @@ def pick_device(name):
     return dev
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "summary.json")  # their presence means: a run already wrote here
+def memory_available():
+    """Bytes of memory this machine can still give (Linux: MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes, what):
+    """A DataError before allocating `nbytes` for `what` when the machine has less available: the process would
+    otherwise be killed without a word, or stall swapping."""
+    free = memory_available()
+    if free is not None and nbytes > free:
+        raise DataError(f"{what} need ~{nbytes / 2**30:.1f} GiB of memory; this machine has {free / 2**30:.1f} GiB "
+                        f"available")
+
+
+RUN_FILES = ("checkpoint.pt", "summary.json", "model.pt")  # any of them: a run that got far enough to be kept
+OUT_FILES = ("metrics.jsonl", "run.lock", *RUN_FILES, "recon.png", "captions.png", "zero_shot.png", "priors.png")
 _LOCKS = []  # lock files this process holds, removed by release_out_dirs at exit
+_PID_MAX = 2 ** 22  # Linux's largest pid_max: a lock holding anything else was not written by a run
 
 
 def _alive(pid):
@@ -954,19 +1280,33 @@ def _alive(pid):
     return True
 
 
+def _folder_of_files(out):
+    """Refuse --out where a name this run writes is taken by something that is not a file (a folder, a FIFO): found
+    only when the file is written, after training advanced."""
+    for name in OUT_FILES:
+        for p in (out / name, out / f"{name}.tmp"):
+            if os.path.lexists(p) and (p.is_dir() or (p.exists() and not p.is_file())):
+                raise DataError(f"--out {out}: {p.name} is {'a folder' if p.is_dir() else 'not a plain file'}, where "
+                                f"this run writes a file; move it away or pass another --out")
+
+
 def claim_out_dir(out, *, resume):
     """Make --out ready for this run, or raise one DataError line; nothing in it is changed when it refuses.
 
-    Refuses a path that is a file or lies under one, a place that cannot be written, and a new run (resume False)
-    into a folder that already holds one (RUN_FILES): it would append to its metrics and overwrite its checkpoint.
-    Then takes <out>/run.lock holding this pid, so a second run on the same --out refuses instead of interleaving
-    metrics.jsonl and racing on checkpoint.pt.tmp; a lock whose process is gone is taken over. The lock is removed
-    at exit (release_out_dirs; a process killed by a signal leaves it, to be taken over). Under torchrun only
-    rank 0 writes to --out, so only it takes the lock."""
+    Refuses a path that is a file or lies under one, a place that cannot be written, a name this run writes that
+    is not a file (OUT_FILES), and a new run (resume False) into a folder that already holds one (RUN_FILES): it
+    would overwrite its checkpoint and release. Then takes <out>/run.lock holding this pid, so a second run on the
+    same --out refuses instead of interleaving metrics.jsonl and racing on checkpoint.pt.tmp; a lock whose process
+    is gone (or that holds no pid) is taken over. The lock is removed at exit (release_out_dirs).
+    A folder with no checkpoint, summary or model is a run that stopped before its first checkpoint (killed, or
+    failed on its data): there is nothing in it to resume, so this run takes it over and empties its metrics.jsonl,
+    saying so. Under torchrun only rank 0 writes to --out, so only it takes the lock and the folder."""
     out = Path(out)
     for p in [out, *out.parents]:
         if p.exists() and not p.is_dir():
             raise DataError(f"--out {out}: {p} is a file, not a folder")
+    if out.is_dir():
+        _folder_of_files(out)
     held = [f for f in RUN_FILES if (out / f).exists()]
     if held and not resume:
         raise DataError(f"--out {out} already holds a run ({', '.join(held)}): add --resume to continue it, "
@@ -977,21 +1317,37 @@ def claim_out_dir(out, *, resume):
         raise DataError(f"--out {out}: cannot create the folder ({_why(e)})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise DataError(f"--out {out}: the folder is not writable")
+    _RUN["out"] = out
     if os.environ.get("RANK", "0") != "0":
         return
+    _take_lock(out)
+    log = out / "metrics.jsonl"
+    if not (out / "checkpoint.pt").exists() and log.is_file() and log.stat().st_size:
+        print(f"note: --out {out}: the run there stopped before its first checkpoint; this run starts it again "
+              f"at step 0 (its metrics.jsonl emptied)")
+        save_atomic("", log)
+
+
+def _take_lock(out):
     lock = out / "run.lock"
     for _ in range(2):  # a stale lock is removed once, then taken like a free one
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
+            if lock.is_dir() or not lock.is_file():
+                raise DataError(f"--out {out}: {lock} is not a lock file (a folder?); remove it") from None
             try:
-                pid = int(lock.read_text().strip() or 0)
+                text = lock.read_text().strip()
+                pid = int(text) if text.isascii() and text.isdigit() else 0
             except (OSError, ValueError):
                 pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if 0 < pid <= _PID_MAX and pid != os.getpid() and _alive(pid):
                 raise DataError(f"--out {out}: another run (pid {pid}) is writing there; wait for it to end, pass "
                                 f"another --out, or delete {lock} if no run is") from None
-            lock.unlink(missing_ok=True)
+            try:
+                lock.unlink(missing_ok=True)
+            except OSError as e:
+                raise DataError(f"--out {out}: cannot take over {lock} ({_why(e)})") from None
             continue
         except OSError as e:
             raise DataError(f"--out {out}: cannot write there ({_why(e)})") from None
@@ -1016,32 +1372,99 @@ def release_out_dirs():
 atexit.register(release_out_dirs)
 
 
+def resume_point(out):
+    """--resume: the checkpoint to continue, or None where --out holds a run that stopped before its first one (it
+    is then started again at step 0 with the flags given, saying so). A DataError where there is nothing to resume:
+    no such folder, or a finished run whose checkpoint is gone."""
+    path = out / "checkpoint.pt"
+    if os.path.lexists(path):
+        return path
+    if not out.is_dir():
+        raise DataError(f"--resume: no checkpoint at {path} (no such folder)")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held:
+        raise DataError(f"--resume: no checkpoint at {path}, but {', '.join(held)}: a finished run, nothing to "
+                        f"continue")
+    print(f"note: --resume: {out} holds no checkpoint (its run stopped before the first): starting at step 0 with "
+          f"the flags given")
+    return None
+
+
 def trim_metrics(path, *, step):
     """On resume: drop the lines of metrics.jsonl past the checkpoint's step. A log line is written just before
     its checkpoint, so a run killed between the two leaves a line that the resumed run would write again.
-    Lines that are not JSON (a half-written last line) are dropped too. The file is rewritten only if needed, and
-    only by rank 0 under torchrun (the one that writes it)."""
+    A last line without its newline (half-written) is dropped too; a whole line that is not UTF-8 JSON was not
+    written by a run and is refused, naming its line. The file is rewritten only if needed, and only by rank 0
+    under torchrun (the one that writes it)."""
     path = Path(path)
     if not path.is_file() or os.environ.get("RANK", "0") != "0":
         return
-    lines = path.read_text().splitlines(keepends=True)
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
     keep = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
+    for i, line in enumerate(lines[:-1]):  # the part after the last newline is a half-written line, or nothing
+        if not line.strip():
             continue
-        whole = line.endswith("\n") and isinstance(rec, dict) and isinstance(rec.get("step"), int)
-        if whole and rec["step"] <= step:
-            keep.append(line)
-    if keep != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError, ValueError):
+            raise DataError(f"{path}:{i + 1}: not a UTF-8 JSON line of a run; fix or remove it, then --resume") \
+                from None
+        if isinstance(rec, dict) and _number(rec.get("step")) and rec["step"] <= step:
+            keep.append(line + b"\n")
+    if b"".join(keep) != raw:
+        save_atomic(b"".join(keep).decode("utf-8"), path)
+
+
+def save_atomic(obj, path, *, step=None, released=False):
+    """Write obj to path through path.tmp and a rename, with SIGINT and SIGTERM held meanwhile: a crash or a
+    signal never leaves half a file, and an interruption comes after it. A str is written as text, anything
+    else with torch.save. step: the checkpoint's step, released: the last file of the release, for the line an
+    interruption prints."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with signals_held():
+        try:
+            tmp.write_text(obj, encoding="utf-8") if isinstance(obj, str) else torch.save(obj, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {path} ({_why(e)[:160]})") from None
+        if step is not None:
+            _RUN["step"] = step
+        _RUN["released"] = _RUN["released"] or released
+
+
+def _torch_load(path, where):
+    """torch.load(weights_only=True) of a regular file, or one DataError line naming `where`: missing, 0 bytes, a
+    folder or a FIFO, truncated, or a pickle that holds anything but tensors and plain containers (refused unread:
+    such a file is never loaded, so the message does not offer torch's way round the refusal)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{where}: no such file")
+    if path.is_dir():
+        raise DataError(f"{where}: a folder, not a checkpoint file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise DataError(f"{where}: not a plain file (a FIFO or a device), not a checkpoint")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: empty file (0 bytes), not a checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error line says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False, which would run the payload
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it would import {what.group(1)}" if what else "not a pickle of tensors and plain containers"
+        raise DataError(f"{where}: refused, not loaded ({what}); checkpoints of this project hold only "
+                        f"tensors, numbers, strings, lists and dicts") from None
+    except Exception as e:  # a truncated zip, a text file: torch's words, unless they mention weights_only
+        why = "" if "weights_only" in str(e) else f" ({_why(e).split('. ')[0][:120]})"
+        raise DataError(f"{where}: not a readable checkpoint (truncated, or not written by torch.save){why}") from None
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "args", "step", "accountant", "rng")  # what --resume reads
 _SCRIPT_FLAGS = {"mae_dp": "syn_steps", "cap_dp": "max_len", "clip_dp": "micro_batch", "randp": "lp_steps"}
+_SCRIPT_KEYS = {"randp": ("ema",)}  # what one script's --resume reads besides CHECKPOINT_KEYS
 
 
 def checkpoint_script(ckpt):
@@ -1053,58 +1476,226 @@ def checkpoint_script(ckpt):
     return next((s for s, flag in _SCRIPT_FLAGS.items() if isinstance(args, dict) and flag in args), None)
 
 
+def _tensors(x):
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items())
+
+
+def _checkpoint_fields(ckpt):
+    """What is wrong with the types of a --resume checkpoint's fields, or None."""
+    opt, rng, init = ckpt["optimizer"], ckpt["rng"], ckpt.get("init")
+    for bad, what in (
+            (not _tensors(ckpt["model"]), "model is not a dict of tensors"),
+            (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
+             or not isinstance(opt.get("param_groups"), list)
+             or not all(isinstance(g, dict) for g in opt["param_groups"]), "optimizer is not an optimizer's state"),
+            (not isinstance(ckpt["args"], dict), "args is not a dict"),
+            (not isinstance(ckpt["step"], int) or isinstance(ckpt["step"], bool) or ckpt["step"] < 0,
+             f"step {ckpt['step']!r} is not a whole number >= 0"),
+            (not isinstance(ckpt["accountant"], dict), "accountant is not an accountant's state"),
+            (not isinstance(rng, (list, tuple)) or len(rng) not in (3, 4)
+             or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in rng),
+             "rng is not 3 or 4 generator states"),
+            (ckpt.get("audit") is not None and not isinstance(ckpt.get("audit"), dict),
+             "audit is not an audit's state"),
+            ("init" in ckpt and not (isinstance(init, dict) and set(init) == {"prior", "note", "pipeline"}
+                                     and (init["prior"] is None or isinstance(init["prior"], dict))
+                                     and (init["note"] is None or isinstance(init["note"], str))
+                                     and isinstance(init["pipeline"], list)
+                                     and all(isinstance(p, dict) for p in init["pipeline"])),
+             "init is not the record of an --init run"),
+            ("ema" in ckpt and not _tensors(ckpt.get("ema")), "ema is not a dict of tensors")):
+        if bad:
+            return what
+    return None
+
+
 def load_checkpoint(path, *, flag, script, keys=CHECKPOINT_KEYS):
     """Read the checkpoint that `flag` (--resume or --init) names, with torch.load(weights_only=True), or raise one
-    DataError line naming the flag and the file: missing, 0 bytes, a folder, truncated, not a dict (a bare tensor),
-    a dict without `keys`, a checkpoint of a script not in `script` (a stem or a tuple of stems), or a pickle that
-    holds anything but tensors and plain containers (refused unread: such a file is never loaded, so the message
-    does not offer torch's way round the refusal). keys=() asks only for weights: a dict with a "model" state_dict,
-    or a bare state_dict (a dict of tensors, e.g. the ViP-Syn cache)."""
+    DataError line naming the flag and the file: anything _torch_load refuses, not a dict (a bare tensor), a dict
+    without `keys` (and the writing script's own, _SCRIPT_KEYS), a checkpoint of a script not in `script` (a stem
+    or a tuple of stems), or (--resume) a field of the wrong type. keys=() asks only for weights: a dict with a
+    "model" state_dict, or a bare state_dict (a dict of tensors, e.g. the ViP-Syn cache)."""
     path = Path(path)
     scripts = (script,) if isinstance(script, str) else tuple(script)
     where = f"{flag} {path}"
-    if not path.exists():
-        raise DataError(f"{where}: no such file")
-    if path.is_dir():
-        raise DataError(f"{where}: a folder, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{where}: empty file (0 bytes), not a checkpoint")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error line says enough
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False, which would run the payload
-        what = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it would import {what.group(1)}" if what else "not a pickle of tensors and plain containers"
-        raise DataError(f"{where}: refused, not loaded ({what}); checkpoints of this project hold only "
-                        f"tensors, numbers, strings, lists and dicts") from None
-    except Exception as e:  # a truncated zip, a text file: torch's words, unless they mention weights_only
-        why = "" if "weights_only" in str(e) else f" ({_why(e).split('. ')[0][:120]})"
-        raise DataError(f"{where}: not a readable checkpoint (truncated, or not written by torch.save){why}") from None
+    ckpt = _torch_load(path, where)
     if not isinstance(ckpt, dict):
         raise DataError(f"{where}: holds a {type(ckpt).__name__}, not a checkpoint dict of {'/'.join(scripts)}.py")
     wrote = checkpoint_script(ckpt)
     if wrote is not None and wrote not in scripts:
         raise DataError(f"{where}: a checkpoint of {wrote}.py; this flag takes one of {'/'.join(scripts)}.py")
+    keys = (*keys, *(_SCRIPT_KEYS.get(scripts[0], ()) if keys else ()))
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (no {', '.join(missing)})")
     if not isinstance(ckpt.get("args", {}), dict) or not isinstance(ckpt.get("step", 0), int):
         raise DataError(f"{where}: not a checkpoint of {'/'.join(scripts)}.py (its args or step have the wrong type)")
-    bare = all(isinstance(v, torch.Tensor) for v in ckpt.values())
-    if not keys and not isinstance(ckpt.get("model"), dict) and not bare:
+    if keys:
+        wrong = _checkpoint_fields(ckpt)
+        if wrong:
+            raise DataError(f"{where}: not a checkpoint this run can continue ({wrong})")
+        if flag == "--resume":
+            _RUN["step"] = ckpt["step"]
+    elif not (_tensors(ckpt) or _tensors(ckpt.get("model"))):
         raise DataError(f"{where}: neither a checkpoint of {'/'.join(scripts)}.py nor a state_dict of tensors")
     return ckpt
 
 
-def load_weights(module, state, *, where):
-    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size) is one DataError
-    line naming `where` (e.g. "--init PATH") instead of torch's many lines."""
+def check_run_args(parser, run, *, where):
+    """The flags a checkpoint's run recorded (its "args") against the script's argparse: each value of the type its
+    flag parses to (a whole number for an int flag, one of its choices, a bool for a switch), so that a hand-edited
+    `steps: "two"` is one line here instead of a traceback later. Keys the parser does not know are left alone."""
+    for a in parser._actions:
+        if a.dest not in run or a.dest == "help":
+            continue
+        v, name = run[a.dest], f"--{a.dest.replace('_', '-')}"
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            ok = isinstance(v, bool)
+        elif a.choices is not None:
+            ok = v in a.choices
+        elif a.type is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) or (v is None and a.default is None)
+        elif a.type is float:
+            ok = _number(v) or (v is None and a.default is None)
+        else:
+            ok = isinstance(v, str) or (v is None and a.default is None)
+        if not ok:
+            raise DataError(f"{where}: its run's {name} is {v!r}, not a value {name} takes")
+
+
+def load_weights(module, state, *, where, missing_ok=()):
+    """module.load_state_dict(state), strictly; a mismatch (another --model, --patch or --size, a foreign file) is
+    one DataError line naming `where` (e.g. "--init PATH") instead of torch's many lines. missing_ok: prefixes of
+    the module's keys that state may lack (randp's prior holds the body, not the head); nothing else may be missing
+    or extra, so weights are never silently left at their random init."""
+    if not _tensors(state):
+        raise DataError(f"{where}: its weights are not a dict of tensors")
+    expected = set(module.state_dict())
+    missing = sorted(k for k in expected - set(state) if not k.startswith(tuple(missing_ok)))
+    extra = sorted(set(state) - expected)
+    if missing or extra:
+        raise DataError(f"{where}: weights do not fit this model (missing {', '.join(missing[:3]) or 'none'}; "
+                        f"unexpected {', '.join(extra[:3]) or 'none'}); pass the --model, --patch, --size (and "
+                        f"--width) of the run that wrote them")
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, strict=not missing_ok)
     except RuntimeError as e:
         raise DataError(f"{where}: weights do not fit this model; pass the --model, --patch and --size of the run "
                         f"that wrote them ({_why(e)[:200]})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise DataError(f"{where}: weight {bad} holds NaN or inf")
+
+
+_OPTIMIZER_HYPER = ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "maximize")
+
+
+def _load_optimizer(opt, state, where):
+    """opt.load_state_dict(state) after checking it against opt: the same groups and parameters, this run's
+    hyperparameters (the learning rate aside: it is set every step from the schedule), and each parameter's state
+    tensors of that parameter's shape."""
+    mine = opt.state_dict()["param_groups"]
+    groups = state["param_groups"]
+    if len(groups) != len(mine) or any(not isinstance(g.get("params"), list) or len(g["params"]) != len(m["params"])
+                                       for g, m in zip(groups, mine)):
+        raise DataError(f"{where}: its optimizer holds other parameter groups than this model's")
+    for g, m in zip(groups, mine):
+        for k in _OPTIMIZER_HYPER:
+            if k in m and (k not in g or (tuple(g[k]) if isinstance(m[k], tuple) and isinstance(g[k], (list, tuple))
+                                          else g[k]) != m[k]):
+                raise DataError(f"{where}: its optimizer's {k} is {g.get(k)!r}, this run's {m[k]!r} (hand-edited?)")
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise DataError(f"{where}: its optimizer state does not fit ({_why(e)[:160]})") from None
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, t in opt.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and (t.dim() and t.shape != p.shape or not torch.isfinite(t).all()):
+                    raise DataError(f"{where}: its optimizer's {k} has shape {tuple(t.shape)} or non-finite values, "
+                                    f"for a parameter of shape {tuple(p.shape)}")
+
+
+def restore_checkpoint(ckpt, *, where, model, opt, accountant, audit, gens, q, sigma):
+    """Load a --resume checkpoint (its field types checked by load_checkpoint) into this run's model, optimiser,
+    accountant, audit and generators, each checked against what the run expects, or raise one DataError line:
+    weights that do not fit, another optimiser, an accountant that is not the earlier runs' (already in
+    `accountant`) followed by `step` steps at this run's (q, sigma) (its args' privacy flags were edited, or the
+    step), an audit of another size, generator states of another kind, an EMA of other shapes. Then the log is
+    trimmed to the checkpoint's step (trim_metrics). Returns the step."""
+    step = ckpt["step"]
+    load_weights(model, ckpt["model"], where=where)
+    _load_optimizer(opt, ckpt["optimizer"], where)
+    expected = type(accountant)()
+    expected.load_state_dict(accountant.state_dict())
+    expected.step(q=q, sigma=sigma, steps=step)
+    try:
+        accountant.load_state_dict(ckpt["accountant"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{where}: its accountant is not an accountant's state ({_why(e)[:120]})") from None
+    same = len(accountant.history) == len(expected.history) and all(
+        n == m and math.isclose(a, c, rel_tol=1e-9) and math.isclose(b, d, rel_tol=1e-9)
+        for (a, b, n), (c, d, m) in zip(accountant.history, expected.history))
+    if not same:
+        raise DataError(f"{where}: its accountant ran {accountant.history}, not this run's {step} steps at q={q:.6g}, "
+                        f"sigma={sigma:.6g} (were its args or step edited?)")
+    if audit:
+        a = ckpt.get("audit")
+        scores = a.get("scores") if isinstance(a, dict) else None
+        if not (isinstance(scores, list) and len(scores) == audit.m and all(_number(s) and math.isfinite(s)
+                                                                           for s in scores)):
+            raise DataError(f"{where}: its audit state is not that of --audit {audit.m}")
+        try:
+            audit.load_state_dict(a)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{where}: {_why(e)[:160]}") from None
+    # [sample, noise, torch] states (a list of four also holds augmentation generators' states, which nothing reads:
+    # the augmentations are a function of the step); the same sample stream on every rank
+    states = (ckpt["rng"][0], ckpt["rng"][-2], ckpt["rng"][-1])
+    for what, g, s in zip(("sampling", "noise", "torch"), (*gens, None), states):
+        try:
+            g.set_state(s) if g is not None else torch.set_rng_state(s)
+        except (RuntimeError, TypeError, ValueError):
+            raise DataError(f"{where}: its {what} generator state does not fit this run's (written on another kind "
+                            f"of --device?)") from None
+    if "ema" in ckpt:
+        shapes = {k: v.shape for k, v in model.named_parameters()}
+        if {k: v.shape for k, v in ckpt["ema"].items()} != shapes:
+            raise DataError(f"{where}: its ema does not hold this model's parameters")
+    _RUN["step"] = step
+    if _RUN["out"] is not None:  # only now that the checkpoint is known good: a refused one leaves the log as it was
+        trim_metrics(_RUN["out"] / "metrics.jsonl", step=step)
+    return step
+
+
+def read_cache(path):
+    """A cached public stage (runs/cache/*.pt: a state_dict of tensors, a function of its flags) or None when it is
+    not built yet. Read like a checkpoint (weights_only, one DataError line naming the file, which may simply be
+    deleted to be rebuilt), and its folder checked before the stage is trained rather than after."""
+    path = Path(path)
+    for p in [path.parent, *path.parent.parents]:
+        if p.exists() and not p.is_dir():
+            raise DataError(f"{p} is a file, where the cache folder {path.parent} goes; move it away")
+    if not os.path.lexists(path):
+        return None
+    try:
+        state = _torch_load(path, f"cache {path}")
+    except DataError as e:
+        raise DataError(f"{e}; delete it to rebuild it") from None
+    if not _tensors(state):
+        raise DataError(f"cache {path}: not a state_dict of tensors; delete it to rebuild it")
+    return state
+
+
+def write_cache(path, state):
+    """Keep a public stage's weights for the next run with the same flags; a cache that cannot be written only costs
+    the next run the time to build it again (a warning)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(state, path)
+    except (OSError, DataError) as e:
+        print(f"warning: cache {path} not written ({str(e)[:160]}); the next run builds it again", file=sys.stderr)
 
 
 def check_labels(ds, *, flag):
@@ -1161,6 +1752,28 @@ def _decode(source, size, name, mode="RGB"):
         raise DataError(f"{name}: cannot read image ({_why(e)})") from None
 
 
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _check_image(source, name):
+    """Open an image (a path or bytes) as far as its header, and check that a JPEG or PNG is not cut short: its end
+    marker among its last bytes, else a full decode decides. Any failure is a DataError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            end = _END_MARKERS.get(img.format)
+            if end is not None:
+                if isinstance(source, bytes):
+                    tail = source[-64:]
+                else:
+                    with open(source, "rb") as f:
+                        f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+                        tail = f.read()
+                if end not in tail:
+                    img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: cannot read image ({_why(e)})") from None
+
+
 def _resize_pixels(x, size):
     """uint8 [N, C, h, w] in memory -> [N, C, size, size] (short side, antialiased bilinear, centre crop)."""
     if x.shape[-2:] == (size, size):
@@ -1190,16 +1803,19 @@ def _split_root(root, split, what):
 
 def _lazy(name, size, files, channels=3, **kw):
     """A dataset that decodes files[i] (a path, or a webdataset (shard, key, offset, length)) on demand."""
-    def decode(i):
+    def source(i):
         f = files[i]
         if isinstance(f, tuple):  # webdataset member: one seek and one read in a plain file
             shard, key, offset, length = f
             with open(shard, "rb") as fh:
                 fh.seek(offset)
-                data = fh.read(length)
-            return _decode(data, size, f"{shard}:{key}")
-        return _decode(f, size, str(f))
-    return ImageDataset(name, size=size, channels=channels, n=len(files), decode=decode, **kw)
+                return fh.read(length), f"{shard}:{key}"
+        return f, str(f)
+    def decode(i):
+        data, where = source(i)
+        return _decode(data, size, where)
+    return ImageDataset(name, size=size, channels=channels, n=len(files), decode=decode,
+                        check=lambda i: _check_image(*source(i)), **kw)
 
 
 # --- CIFAR-10 / CIFAR-100 python pickles, read with a restricted unpickler
@@ -1267,19 +1883,34 @@ def _load_cifar(path, split, size, opener, where):
             raise DataError(f"{path}: CIFAR file {p} is missing")
         with opener[p]() as f:
             d = _unpickle(f, where[p])
-        try:
-            xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
-            ys.append(torch.as_tensor(list(d[label_key]), dtype=torch.long))
-        except (KeyError, ValueError) as e:
-            raise DataError(f"{where[p]}: not a CIFAR batch ({_why(e)})") from None
+        x, y = d.get("data"), d.get(label_key)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32):
+            raise DataError(f"{where[p]}: not a CIFAR batch ('data' must be a uint8 array of rows of 3072 pixels, "
+                            f"got {_kind(x)})")
+        if isinstance(y, np.ndarray) and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+            y = y.tolist()
+        if not (isinstance(y, (list, tuple)) and all(_whole(v) for v in y)):
+            raise DataError(f"{where[p]}: not a CIFAR batch ('{label_key}' must be a list of whole numbers, got "
+                            f"{_kind(y)})")
+        if len(y) != len(x):
+            raise DataError(f"{where[p]}: {len(x)} images but {len(y)} labels: they would train misaligned")
+        xs.append(torch.from_numpy(x.reshape(-1, 3, 32, 32)))
+        ys.append(torch.tensor([int(v) for v in y], dtype=torch.long))
     classes = None
     if meta_name in opener:
         with opener[meta_name]() as f:
             names = _unpickle(f, where[meta_name]).get(names_key)
-        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names] if names is not None else None
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(c, (bytes, str))
+                                                                               for c in names)):
+            raise DataError(f"{where[meta_name]}: '{names_key}' must be a list of class names, got {_kind(names)}")
+        classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in names] if names else None
+    k = len(classes) if classes else (10 if c10 else 100)
+    labels = torch.cat(ys)
+    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+        raise DataError(f"{path}: CIFAR labels {int(labels.min())}..{int(labels.max())} outside the {k} classes")
     name = f"{'cifar10' if c10 else 'cifar100'}-{split}"
     return ImageDataset(name, size=size, channels=3, pixels=_resize_pixels(torch.cat(xs), size),
-                        labels=torch.cat(ys), classes=classes)
+                        labels=labels, classes=classes)
 
 
 # --- MNIST / Fashion-MNIST IDX files (raw or .gz); grey stays 1-channel
@@ -1292,7 +1923,7 @@ def _read_idx(path):
     """IDX file (raw or gzip) -> uint8 numpy array of the shape its header gives."""
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt .gz body is a zlib.error
         raise DataError(f"{path}: cannot read ({_why(e)})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
@@ -1300,6 +1931,9 @@ def _read_idx(path):
     if not 1 <= nd <= 3:  # MNIST's formats: labels have 1 dimension, images 3
         raise DataError(f"{path}: IDX header gives {nd} dimensions (expected 1 for labels, 3 for images)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    if len(raw) < 4 + 4 * nd or 0 in dims:
+        why = "cut short" if len(raw) < 4 + 4 * nd else "a zero dimension, no examples"
+        raise DataError(f"{path}: IDX header gives dimensions {dims}: {why}")
     body = raw[4 + 4 * nd:]
     if len(body) != math.prod(dims):
         raise DataError(f"{path}: corrupt IDX file (header says {dims}, {len(body)} bytes follow)")
@@ -1313,7 +1947,7 @@ def _load_idx(root, split, size):
         for suffix in ("", ".gz"):
             for sep in ("-", "."):
                 p = root / f"{prefix}-{kind}{sep}ubyte{suffix}"
-                if p.exists():
+                if p.is_file():
                     return p
         raise DataError(f"{root}: missing {prefix}-{kind}-ubyte[.gz] for split {split}")
 
@@ -1364,19 +1998,34 @@ def _load_folder(root, split, size):
 
 def _load_coco(json_path, size):
     try:
-        d = json.loads(Path(json_path).read_text())
-        images = {im["id"]: im["file_name"] for im in d["images"]}
-        anns = sorted(d["annotations"], key=lambda a: a.get("id", 0))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        d = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{json_path}: JSON nested too deep to be a COCO captions file") from None
+    except (OSError, ValueError) as e:
         raise DataError(f"{json_path}: not a COCO captions file ({_why(e)})") from None
+    if not (isinstance(d, dict) and isinstance(d.get("images"), list) and isinstance(d.get("annotations"), list)):
+        raise DataError(f"{json_path}: not a COCO captions file (expected an object with the lists \"images\" and "
+                        f"\"annotations\")")
+    images = {}
+    for k, im in enumerate(d["images"]):
+        if not (isinstance(im, dict) and _whole(im.get("id")) and _text(im.get("file_name")) and im["file_name"]):
+            raise DataError(f"{json_path}: images[{k}] needs an integer id and a file_name string (valid Unicode), "
+                            f"got {ascii(im)[:80]}")
+        if im["id"] in images:
+            raise DataError(f"{json_path}: images[{k}]: id {im['id']} is given twice")
+        images[im["id"]] = im["file_name"]
+    for k, a in enumerate(d["annotations"]):
+        if not (isinstance(a, dict) and _whole(a.get("image_id")) and _text(a.get("caption"))
+                and (a.get("id") is None or _whole(a["id"]))):
+            raise DataError(f"{json_path}: annotations[{k}] needs an integer image_id and a caption string (valid "
+                            f"Unicode), got {ascii(a)[:80]}")
+    anns = sorted(d["annotations"], key=lambda a: a.get("id") or 0)
     stem = json_path.stem.replace("captions_", "")  # captions_train2017 -> train2017
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     img_dir = next((d for d in (root / stem, root / "images" / stem, root / "images", root) if d.is_dir()), root)
     caps = {}
     for a in anns:
-        if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
-            raise DataError(f"{json_path}: an annotation without image_id and caption ({str(a)[:80]})")
-        caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
     ids = sorted(i for i in images if i in caps)
     if not ids:
         raise DataError(f"{json_path}: no captioned images")
@@ -1423,11 +2072,12 @@ def _shard_index(shard):
     st = shard.stat()
     stamp = [st.st_size, st.st_mtime_ns]
     ip = _index_path(shard)
-    try:
-        cached = json.loads(ip.read_text())
-        if cached.get("version") == INDEX_VERSION and cached.get("stamp") == stamp:
+    try:  # a cache, so never trusted: an index that does not describe its shard is rebuilt
+        cached = json.loads(ip.read_text(encoding="utf-8"))
+        if cached.get("version") == INDEX_VERSION and cached.get("stamp") == stamp and _index_fits(cached["entries"],
+                                                                                                st.st_size):
             return [tuple(e) for e in cached["entries"]]
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
         pass
     samples = {}
     try:
@@ -1449,8 +2099,10 @@ def _shard_index(shard):
     entries = []
     for key, s in samples.items():
         if "img" in s:
-            cls = int(s["cls"]) if s.get("cls", "").lstrip("-").isdigit() else None
-            entries.append((key, s["img"][0], s["img"][1], s.get("txt"), cls))
+            cls = s.get("cls")
+            if cls is not None and not re.fullmatch(r"-?[0-9]+", cls):
+                raise DataError(f"{shard}:{key}.cls: {ascii(cls)[:40]} is not a whole-number class label")
+            entries.append((key, s["img"][0], s["img"][1], s.get("txt"), None if cls is None else int(cls)))
     try:
         ip.parent.mkdir(parents=True, exist_ok=True)
         tmp = ip.with_name(ip.name + ".tmp")
@@ -1459,6 +2111,14 @@ def _shard_index(shard):
     except OSError:
         pass  # an unwritable cache only costs a re-index next time
     return entries
+
+
+def _index_fits(entries, shard_size):
+    """A cached index's entries as _shard_index writes them, each member inside its shard."""
+    return isinstance(entries, list) and all(
+        isinstance(e, list) and len(e) == 5 and _text(e[0]) and _whole(e[1]) and _whole(e[2]) and e[1] >= 0
+        and e[2] > 0 and e[1] + e[2] <= shard_size and (e[3] is None or _text(e[3])) and (e[4] is None or _whole(e[4]))
+        for e in entries)
 
 
 def _load_webdataset(shards, name, size):
@@ -1481,8 +2141,11 @@ def _load_webdataset(shards, name, size):
 
 def _load_table(path, size):
     delim = "," if path.suffix.lower() == ".csv" else "\t"
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter=delim))
+    try:  # bytes, then utf-8-sig: a spreadsheet's byte-order mark is not part of the first field, and no \r is
+        text = path.read_bytes().decode("utf-8-sig")  # turned into a row end (as text mode's newlines would)
+        # rows end at \n (a \r\n ending loses its \r); a \r inside a row is a space of its caption, not a row end
+        lines = [(line[:-1] if line.endswith("\r") else line).replace("\r", " ") for line in text.split("\n")]
+        rows = list(csv.reader(lines, delimiter=delim))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read table ({_why(e)})") from None
     rows = [(i + 1, r) for i, r in enumerate(rows) if r and any(x.strip() for x in r)]
@@ -1495,7 +2158,7 @@ def _load_table(path, size):
         f = Path(r[0].strip())
         f = f if f.is_absolute() else path.parent / f
         if not f.is_file():
-            raise DataError(f"{path}:{line}: image {f} not found")
+            raise DataError(f"{path}:{line}: image {f} {'is not a plain file' if f.exists() else 'not found'}")
         files.append(f)
         captions.append(delim.join(r[1:]).strip())
     if not files:
@@ -1519,7 +2182,7 @@ def _cifar(path, split):
 
 def _load_shards(path, split, size, hit):
     base = _split_root(path, split, "shards")
-    shards = sorted(base.glob("*.tar"))
+    shards = sorted(p for p in base.glob("*.tar") if p.is_file())
     if not shards:
         raise DataError(f"{base}: no .tar shards")
     return _load_webdataset(shards, f"{path.name}-{split}", size)
@@ -1611,11 +2274,14 @@ def load_dataset(path_or_name="shapes", *, split="train", size=32, n=None, seed=
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (use 'shapes' or a path to a dataset)")
     try:
+        if not (path.is_file() or path.is_dir()):  # reading a FIFO or /dev/zero would wait, or never end
+            raise DataError(f"{path}: not a plain file or a folder (a FIFO, device or socket)")
         ds = _detect(path, split, size)
+        if n is not None:
+            ds = _subset(ds, int(n), seed)
+        ds.check_all()
     except OSError as e:  # a folder that cannot be listed or read (permissions, /proc)
         raise DataError(f"{path}: cannot read ({_why(e)})") from None
-    if n is not None:
-        ds = _subset(ds, int(n), seed)
     return ds
 
 
@@ -1626,12 +2292,15 @@ def _subset(ds, n, seed):
     if n <= 0:
         raise DataError(f"{ds.name}: n must be positive, got {n}")
     if n >= len(ds):
+        if n > len(ds):
+            print(f"note: {ds.name}: {n} examples asked, it holds {len(ds)}: all of them are used")
         return ds
     g = torch.Generator().manual_seed(_seed_from("subset", seed))
     keep = torch.randperm(len(ds), generator=g)[:n].sort().values
     parent = ds
     out = ImageDataset(ds.name, size=ds.size, channels=ds.channels, n=n,
                        decode=None if ds._pixels is not None else (lambda i: parent.images([int(keep[i])])[0]),
+                       check=None if ds._check is None else (lambda i: parent._check(int(keep[i]))),
                        pixels=None if ds._pixels is None else ds._pixels[keep],
                        labels=None if ds.labels is None else ds.labels[keep], classes=ds.classes,
                        captions=None if ds.captions is None else [ds.captions[i] for i in keep.tolist()])
@@ -1640,5 +2309,5 @@ def _subset(ds, n, seed):
     return out
 
 
-if __name__ == "__main__":
-    sys.exit(_grid_main(sys.argv[1:]))
+if __name__ == "__main__":  # run_main: a Ctrl-C, a closed pipe or a bad environment is one line here too
+    sys.exit(run_main(lambda: sys.exit(_grid_main(sys.argv[1:])), torchrun=False))

@@ -440,14 +440,17 @@ def resumed(parser, args, out, older=None):
     """--resume continues the checkpoint's run with the checkpoint's flags. Returns (args, checkpoint or None).
     A flag typed with --resume must agree with the checkpoint's run, even one typed at its default value (`--eps 8`
     over a run at eps 4 is refused, not continued at 4); only --out, --name, --device and --log-every may change.
-    older: the values an older checkpoint's run had for flags added since (else a newer flag takes its default)."""
-    if not args.resume:
+    older: the values an older checkpoint's run had for flags added since (else a newer flag takes its default).
+    A folder whose run stopped before its first checkpoint has nothing to continue: it starts again at step 0."""
+    data.check_command(parser, args)  # --out, --name, and flags typed where this run would not use them
+    path = data.resume_point(out) if args.resume else None
+    if path is None:
         return args, None
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
     ckpt = data.load_checkpoint(path, flag="--resume", script=Path(__file__).stem)
+    data.check_run_args(parser, ckpt["args"], where=f"--resume {path}")  # each flag of the type it parses to
     run = {k: parser.get_default(k) for k in vars(args)} | (older or {}) | ckpt["args"]  # the checkpoint's flags
+    if ckpt["step"] > run["steps"]:
+        raise data.DataError(f"--resume {path}: step {ckpt['step']} is past the run's --steps {run['steps']}")
     typed = data.typed_flags(parser, vars(args))
     free = ("resume", "out", "name", "device", "log_every")
     changed = [k for k in typed if k not in free and not getattr(args, k) == run.get(k)]  # NaN differs from all
@@ -468,8 +471,6 @@ def start(args, out, ckpt, device):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     data.claim_out_dir(out, resume=args.resume)  # one run per --out; refused before anything is written
-    if ckpt:  # lines logged after the checkpoint's step would repeat in metrics.jsonl
-        data.trim_metrics(out / "metrics.jsonl", step=ckpt["step"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if device.type == "cuda":  # one GPU per process, NCCL between them; gloo between CPU processes
@@ -540,21 +541,14 @@ def generators(args, device, world):
             data.secret_generator(noise_seed, device))  # DP noise (secret)
 
 
-def restore(ckpt, model, opt, accountant, audit, gens, delta):
-    """Load a checkpoint's weights, optimiser, accountant, audit and random streams. Returns its step."""
-    data.load_weights(model, ckpt["model"], where="--resume checkpoint.pt")
-    opt.load_state_dict(ckpt["optimizer"])
-    accountant.load_state_dict(ckpt["accountant"])
-    if audit:
-        audit.load_state_dict(ckpt["audit"])
-    # [sample, noise, torch] states (a list of four also holds augmentation generators' states, which nothing reads:
-    # the augmentations are a function of the step); the same sample stream on every rank
-    sample_state, noise_state, torch_state = ckpt["rng"][0], ckpt["rng"][-2], ckpt["rng"][-1]
-    for g, s in zip(gens, (sample_state, noise_state)):
-        g.set_state(s)
-    torch.set_rng_state(torch_state)
-    print(f"resumed at step {ckpt['step']}, eps so far {accountant.epsilon(delta):.3f}")
-    return ckpt["step"]
+def restore(ckpt, model, opt, accountant, audit, gens, plan):
+    """Load a checkpoint's weights, optimiser, accountant, audit and random streams, each checked against this run:
+    its accountant must hold the earlier runs' steps and `step` steps at this run's (q, sigma). Then metrics.jsonl
+    loses the lines logged after that step, which the resumed run logs again. Returns its step."""
+    step = data.restore_checkpoint(ckpt, where="--resume checkpoint.pt", model=model, opt=opt, accountant=accountant,
+                                   audit=audit, gens=gens, q=plan["q"], sigma=plan["sigma"])
+    print(f"resumed at step {step}, eps so far {accountant.epsilon(plan['delta']):.3f}")
+    return step
 
 
 def save_checkpoint(path, gens, rank, **state):
@@ -563,8 +557,8 @@ def save_checkpoint(path, gens, rank, **state):
         return
     sample_gen, noise_gen = gens
     rng = [sample_gen.get_state(), noise_gen.get_state(), torch.get_rng_state()]
-    torch.save(dict(state, rng=rng, script=Path(__file__).stem), str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)  # a crash never leaves half a checkpoint
+    # a temp file, then a rename, signals held meanwhile: a crash or a Ctrl-C never leaves half a checkpoint
+    data.save_atomic(dict(state, rng=rng, script=Path(__file__).stem), path, step=state["step"])
 
 
 def log_line(log, args, *, step, eps, lr, t0, params, loss, batch, signal=None, **extra):
@@ -618,14 +612,14 @@ def release(out, model, summary, *, args, plan, accountant, earlier, audit, n_to
                    pipeline=pipeline)
     json.dumps(privacy, allow_nan=False)  # the record must be strict JSON too
     weights = dict(model=model.state_dict(), privacy=privacy, script=Path(__file__).stem)
-    torch.save(weights, str(out / "model.pt") + ".tmp")
-    os.replace(str(out / "model.pt") + ".tmp", out / "model.pt")
     summary = dict(private=why_not is None, not_private_reason=why_not, eps=finite(eps_spent),
                    target_eps=finite(args.eps), delta=delta, sigma=sigma, q=q, n=n_total, steps=steps, clip=args.clip,
                    data=data_name) | summary
     summary.update(eps_this_run=finite(eps_alone), init_privacy=earlier["note"], privacy_pipeline=pipeline,
                    audit=audit_result, debug_no_noise=args.debug_no_noise, args=vars(args) | dict(eps=finite(args.eps)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    with data.signals_held():  # the release is whole or absent: a Ctrl-C now waits for both files
+        data.save_atomic(weights, out / "model.pt")
+        data.save_atomic(json.dumps(summary, indent=2, allow_nan=False), out / "summary.json", released=True)
     print(f"done: eps={eps_spent:.3f} (delta={delta:.3g}, sigma={sigma:.4f}, q={q:.5f}, steps={steps})" +
           ("" if why_not is None else f": NOT PRIVATE ({why_not})"))
     if earlier["prior"]:
@@ -654,17 +648,16 @@ def vip_syn(model, args, channels, device, autocast, master):
     """Stage 1, ViP-Syn: the MAE trained on public random-process images, cached per flags (no privacy cost)."""
     cache = Path("runs/cache") / (f"vip_syn_{args.model}_p{args.patch}_s{args.size}_c{channels}_m{args.mask_ratio}"
                                   f"_{args.syn_steps}x{args.syn_batch}_lr{args.syn_lr}_seed{args.seed}.pt")
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, map_location=device, weights_only=True))
+    state = data.read_cache(cache)  # None until built; checked like a checkpoint
+    if state is not None:
+        data.load_weights(model, state, where=f"cache {cache}")
         print(f"ViP-Syn: loaded {cache}")
         return
     # torchrun: every rank trains this public stage (rather than wait idle, past the collective timeout, for
     # rank 0); rank 0 alone writes the cache, and stage 2 starts every rank from rank 0's weights
     train_syn(model, args, device, autocast)
     if master:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), str(cache) + ".tmp")
-        os.replace(str(cache) + ".tmp", cache)
+        data.write_cache(cache, model.state_dict())
 
 
 def main(argv=None):
@@ -720,7 +713,7 @@ def main(argv=None):
     if earlier["prior"]:  # eps from here on is the composed one: the earlier runs' and this one's
         accountant.load_state_dict(earlier["prior"])
     gens = sample_gen, noise_gen = generators(args, device, world)
-    step = restore(ckpt, model, opt, accountant, audit, gens, delta) if ckpt else 0
+    step = restore(ckpt, model, opt, accountant, audit, gens, plan) if ckpt else 0
     if world > 1:  # every rank starts from rank 0's weights (a GPU's non-deterministic kernels could part them)
         for v in [*params.values(), *buffers.values()]:
             dist.broadcast(v, src=0)
@@ -790,9 +783,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:  # bad input: one clear line, exit code 2
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says why
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # bad input is one `error:` line and exit code 2; Ctrl-C or SIGTERM one line once the last checkpoint is safe
+    sys.exit(data.run_main(main))

@@ -540,18 +540,22 @@ def test_image_folder_with_splits(tmp_path):
 
 
 def test_lazy_sets_decode_once_when_small(tmp_path, monkeypatch):
+    """A small file-backed set is decoded once, as it is loaded (each file is checked before any training), and then
+    read from memory; a set too big to keep has its files' headers checked at load and is decoded at each use."""
     pics = _folder(tmp_path)
     ds = load_dataset(str(tmp_path))
     first = ds.images([0, 4, 0])
     for p in pics:
         os.remove(p)
     assert torch.equal(ds.images([0, 4, 0]), first)  # kept in memory: the files are not read again
-    with pytest.raises(DataError, match="1.png"):
-        ds.images([1])
+    assert ds.images(torch.arange(len(ds))).shape == (6, 3, 32, 32)  # all of them, decoded at load
     monkeypatch.setattr(data, "MEMO_BYTES", 0)
-    _folder(tmp_path / "big")
+    big_pics = list(_folder(tmp_path / "big"))
     big = load_dataset(str(tmp_path / "big"))
     assert torch.equal(big.images([0, 4]), first[:2]) and big._memo is None  # decoded each time, same pixels
+    os.remove(big_pics[1])
+    with pytest.raises(DataError, match="1.png"):  # read again at each use: a file gone since is named
+        big.images([1])
 
 
 def test_image_folder_resize_is_centre_crop(tmp_path):
@@ -562,13 +566,23 @@ def test_image_folder_resize_is_centre_crop(tmp_path):
     assert x.float().mean() > 250
 
 
-def test_corrupt_image_names_the_file(tmp_path):
+def test_corrupt_image_names_the_file(tmp_path, monkeypatch):
+    """Found as the set is loaded, before any training (not when, and whether, a sample draws it): in a small set by
+    decoding every image, in a large one by each file's header and end."""
     _folder(tmp_path)
     (tmp_path / "dog" / "9.jpg").write_bytes(b"not a jpeg")
-    ds = load_dataset(str(tmp_path))
-    bad = len(ds) - 1
     with pytest.raises(DataError, match=r"9\.jpg"):
-        ds.images([0, bad])
+        load_dataset(str(tmp_path))
+    monkeypatch.setattr(data, "FULL_CHECK_N", 0)  # a large set: headers and ends only
+    with pytest.raises(DataError, match=r"9\.jpg"):
+        load_dataset(str(tmp_path))
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(1, 40, 48, seed=5)[0]).save(buf, "JPEG")
+    (tmp_path / "dog" / "9.jpg").write_bytes(buf.getvalue()[:-200])  # a JPEG cut short: no end marker
+    with pytest.raises(DataError, match=r"9\.jpg"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "dog" / "9.jpg").write_bytes(buf.getvalue())
+    assert len(load_dataset(str(tmp_path))) == 7
 
 
 def test_coco(tmp_path):
@@ -628,10 +642,9 @@ def test_webdataset_corrupt_member_names_shard_and_key(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    ds = load_dataset(str(tmp_path))
-    assert ds.captions == ["a caption"]
-    with pytest.raises(DataError, match=r"00000\.tar:k1"):
-        ds.images([0])
+    with pytest.raises(DataError, match=r"00000\.tar:k1"):  # found as the set is loaded, before any training
+        load_dataset(str(tmp_path))
+    assert json.loads((tmp_path / "00000.tar.idx.json").read_text())["entries"][0][3] == "a caption"  # indexed
 
 
 def test_webdataset_splits(tmp_path):

@@ -159,15 +159,23 @@ def test_eps_inf_probes_the_cached_features_when_asked(tmp_path, monkeypatch):
     assert seen == [(True, 2), (True, 2), (False, 5)]
 
 
-def test_resume_of_a_checkpoint_older_than_the_cached_probe(smoke_run, tmp_path):
+def test_resume_of_a_checkpoint_older_than_the_cached_probe(tmp_path, monkeypatch):
     """A checkpoint written before --lp-features existed resumes as its run was, on augmented views, not on the
     newer default (cached features)."""
-    cwd, _ = smoke_run("randp.py")
-    shutil.copytree(cwd / "run", tmp_path / "run")
-    shutil.copytree(cwd / "runs", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    write = data.save_atomic
+
+    def write_then_stop(obj, path, **kw):  # a run of 6 steps that ends once its step-2 checkpoint is written
+        write(obj, path, **kw)
+        if kw.get("step") == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(data, "save_atomic", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        R.main(["--eps", "4", "--steps", "6", "--lp-steps", "3", "--out", "run", *FLAGS])
+    data.release_out_dirs()  # as the process's exit would
+    monkeypatch.undo()
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     del ck["args"]["lp_features"]
-    ck["args"]["steps"] = 6
     torch.save(ck, tmp_path / "run" / "checkpoint.pt")
     r = run_script("randp.py", "--out", "run", "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -2,11 +2,17 @@
 clipping under autocast, float64 Poisson coins, eps composed over --init, and a stop on a non-finite gradient."""
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import accountant
 import cap_dp
@@ -14,7 +20,7 @@ import clip_dp
 import data
 import mae_dp
 import randp
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
 
 SCRIPTS = [mae_dp, cap_dp, clip_dp, randp]
 FLAGS = TINY["mae_dp.py"]  # the end-to-end runs here are mae_dp.py's
@@ -256,8 +262,8 @@ def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_checkpoint(t
 def test_cap_and_clip_compose_with_the_mae_run_they_start_from(two_default_runs, tmp_path, script):
     first = json.loads((two_default_runs / "a" / "summary.json").read_text())
     r = run_script(script, "--eps", "6", "--steps", "2", "--init", two_default_runs / "a" / "model.pt", "--out", "c",
-                   "--stem", "linear",  # the encoder of mae_dp.py
-                   *TINY[script], cwd=tmp_path)
+                   *TINY[script], "--model", "tiny", "--stem", "linear",  # the ViT encoder of mae_dp.py
+                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert 5.9 < s["eps"] <= 6 and s["eps_this_run"] < 5.9
@@ -403,3 +409,70 @@ def test_a_resumed_run_ends_exactly_where_an_unbroken_one_does(M, tmp_path, monk
     M.main(["--out", "cut", "--resume"])
     a, b = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def start_live(script, *args, cwd):
+    """The script in a real process, its stdout unbuffered (read line by line), stderr kept."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def interrupted(p, signum):
+    """Send signum to a live run; its exit code and the error: lines it printed."""
+    p.send_signal(signum)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """Two classes of 20x20 PNGs, 4 a class to train and 8 to test: a run that ends evaluates on 16 images."""
+    root = tmp_path_factory.mktemp("small")
+    for split, k in (("train", 4), ("test", 8)):
+        for c, label in (("a", 0), ("b", 1)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(k):
+                pixels = np.random.default_rng([label, i, k]).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("M, signum", [(mae_dp, signal.SIGINT), (cap_dp, signal.SIGTERM), (clip_dp, signal.SIGTERM),
+                                       (randp, signal.SIGINT)], ids=lambda x: getattr(x, "__name__", None) or x.name)
+def test_a_live_run_interrupted_before_and_after_its_first_checkpoint_resumes_to_the_unbroken_run(M, signum, tmp_path,
+                                                                                                   monkeypatch,
+                                                                                                   small_set):
+    """A real process interrupted by a signal (as Ctrl-C or a scheduler would) says so in one line and leaves a folder
+    that --resume continues: stopped before its first checkpoint, then after it, then resumed to the end, the run ends
+    with the weights and eps of the same run never stopped (--insecure-seed: the same secret streams). Evaluated
+    on the small set (randp.py: trained on it too), so that the runs that end are quick."""
+    script = f"{M.__name__}.py"
+    evaluated = (["--data", small_set, "--n", "8", "--batch-size", "4", "--lp-steps", "3"] if M is randp
+                 else ["--probe-data", small_set])
+    flags = [*TINY[script], "--eps", "4", "--steps", "10", "--insecure-seed", *map(str, evaluated)]
+    monkeypatch.chdir(tmp_path)  # the public stage's cache, built by the unbroken run, serves the others
+    M.main([*flags, "--out", "whole"])
+    # 1. before its first checkpoint: once it has printed its privacy plan, before the model is trained
+    p = start_live(script, *flags, "--out", "cut", cwd=tmp_path)
+    while not p.stdout.readline().startswith("private data:"):
+        assert p.poll() is None, p.stderr.read()[-3000:]
+    code, errors = interrupted(p, signum)
+    assert code == 128 + signum and len(errors) == 1 and "before the first checkpoint" in errors[0], errors
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    # 2. --resume finds no checkpoint, so starts again at step 0; interrupted once its first checkpoint is written
+    p = start_live(script, *flags, "--out", "cut", "--resume", cwd=tmp_path)
+    while not (tmp_path / "cut" / "checkpoint.pt").exists():
+        assert p.poll() is None, p.stderr.read()[-3000:]
+        time.sleep(0.005)
+    code, errors = interrupted(p, signum)
+    step = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"]
+    assert code == 128 + signum and len(errors) == 1, errors
+    assert f"interrupted ({signal.Signals(signum).name}) at step {step}" in errors[0] and "--resume" in errors[0]
+    assert not (tmp_path / "cut" / "summary.json").exists() or step == 10
+    # 3. --resume to its end
+    M.main(["--out", "cut", "--resume"])
+    a, b = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "cut" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s, t = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    assert s["eps"] == t["eps"] and s["steps"] == t["steps"] == 10

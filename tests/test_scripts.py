@@ -170,30 +170,42 @@ def test_the_noise_signal_budget_is_printed_and_saved_before_training(smoke_run,
     assert r.stdout.index("noise/signal budget") < r.stdout.index("done: eps=")
 
 
+class Stopped(Exception):
+    """Raised right after a checkpoint is written: the run ends there, as a killed one would."""
+
+
 @each_script
-def test_resume_continues_step_and_epsilon(smoke_run, tmp_path, script):
-    cwd, _ = smoke_run(script)
-    # a run of 6 steps stopped at 4: copy the 4-step checkpoint, pretend its plan was 6 steps, resume
-    shutil.copytree(cwd / "run", tmp_path / "run")
-    if (cwd / "runs").exists():  # mae_dp.py's ViP-Syn cache, randp.py's phase I prior
-        shutil.copytree(cwd / "runs", tmp_path / "runs")
+def test_resume_continues_step_and_epsilon(tmp_path, monkeypatch, script):
+    # a run of 6 steps stopped once its step-4 checkpoint is written, then resumed as a user would
+    monkeypatch.chdir(tmp_path)
+    write = data.save_atomic
+
+    def write_then_stop(obj, path, **kw):
+        write(obj, path, **kw)
+        if kw.get("step") == 4:
+            raise Stopped
+    monkeypatch.setattr(data, "save_atomic", write_then_stop)
+    with pytest.raises(Stopped):
+        MODULES[script].main(["--eps", "4", *tiny(script, 6), "--out", "run"])
+    data.release_out_dirs()  # as the process's exit would
+    monkeypatch.undo()
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 4 and ck["accountant"]
-    ck["args"]["steps"] = 6
+    assert ck["step"] == 4 and ck["args"]["steps"] == 6 and ck["accountant"]
     eps4 = accountant.RDPAccountant()
     eps4.load_state_dict(ck["accountant"])
-    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    before = log_of(tmp_path / "run")
     r = run_script(script, "--out", "run", "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert f"resumed at step 4, eps so far {eps4.epsilon(s['delta']):.3f}" in r.stdout
     assert s["steps"] == 6
-    # epsilon continues from the checkpoint: 4 steps at the old sigma + 2 more, not 2 from scratch
+    # epsilon continues from the checkpoint: 4 steps + 2 more, not 2 from scratch, and ends at the plan's 6 steps
     assert s["eps"] > accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2, delta=s["delta"])
     eps4.step(q=s["q"], sigma=s["sigma"], steps=2)
     assert s["eps"] == pytest.approx(eps4.epsilon(s["delta"]))
+    assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=6, delta=s["delta"]))
     # the log continues too: the lines up to step 4 as they were, then step 6, none repeated
-    before, after = log_of(cwd / "run"), log_of(tmp_path / "run")
+    after = log_of(tmp_path / "run")
     assert after[:2] == before and [l["step"] for l in after] == [2, 4, 6]
     assert RESUMED_LOG[script].items() <= after[2].items()
 

@@ -15,6 +15,8 @@ import torch
 
 import accountant
 import cap_dp as C
+import data
+import mae_dp as M
 from conftest import ROOT, TINY, run_script
 
 
@@ -98,7 +100,7 @@ def test_bad_input_under_torchrun_is_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("script, extra", [("mae_dp.py", []), ("clip_dp.py", []), ("randp.py", ["--lp-steps", "1"])])
-def test_smoke_two_processes(tmp_path, script, extra):
+def test_smoke_two_processes(tmp_path, monkeypatch, script, extra):
     # --insecure-seed: the same secret sample and noise in both runs, so that they can be compared
     flags = ["--eps", "4", "--steps", "2", "--insecure-seed", *extra, *tiny_flags(script)]
     r = torchrun(script, *flags, "--out", "run", cwd=tmp_path)
@@ -115,16 +117,28 @@ def test_smoke_two_processes(tmp_path, script, extra):
     assert s["steps"] == 2 and s["eps"] <= 4
     assert s["eps"] == pytest.approx(accountant.epsilon(q=s["q"], sigma=s["sigma"], steps=2, delta=s["delta"]))
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2]
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     if script != "mae_dp.py":
         return
-    # resume under torchrun: both ranks load the one checkpoint; epsilon continues (a 3-step plan stopped at 2)
-    ck["args"]["steps"] = 3
-    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
-    r = torchrun(script, "--out", "run", "--resume", cwd=tmp_path)
+    # resume under torchrun: both ranks load the one checkpoint; epsilon continues (a 3-step run stopped once its
+    # step-2 checkpoint was written, here in this process)
+    monkeypatch.chdir(tmp_path)
+    write = data.save_atomic
+
+    def write_then_stop(obj, path, **kw):
+        write(obj, path, **kw)
+        if kw.get("step") == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(data, "save_atomic", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        M.main([*flags, "--steps", "3", "--out", "run3"])
+    data.release_out_dirs()  # as the process's exit would
+    monkeypatch.undo()
+    ck = torch.load(tmp_path / "run3" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["args"]["steps"] == 3
+    r = torchrun(script, "--out", "run3", "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("resumed at step 2") == 1
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    s = json.loads((tmp_path / "run3" / "summary.json").read_text())
     assert s["steps"] == 3
     spent = accountant.RDPAccountant()
     spent.load_state_dict(ck["accountant"])
