@@ -66,9 +66,9 @@ def parse_args(argv=None):
                    "NOT private reference")
     g.add_argument("--delta", type=float, default=None, help="delta; default 1/(2N); must be < 1/N")
     g.add_argument("--clip", type=float, default=1.0, help="per-example gradient norm bound C")
-    g.add_argument("--batch-size", type=int, default=512, help="expected logical batch B (Poisson rate q = B/N)")
+    g.add_argument("--batch-size", type=int, default=1024, help="expected logical batch B (Poisson rate q = B/N)")
     g.add_argument("--physical-batch", type=int, default=64, help="examples per vmap call (memory only)")
-    g.add_argument("--steps", type=int, default=200, help="logical DP-SGD steps of phases II + III together")
+    g.add_argument("--steps", type=int, default=300, help="logical DP-SGD steps of phases II + III together")
     g.add_argument("--lp-steps", type=int, default=20, help="phase II: DP linear-probe steps (none with --no-prior)")
     g.add_argument("--aug-mult", type=int, default=1, help="K: augmented copies per example, averaged before clipping")
     g.add_argument("--lp-features", choices=["augmented", "cached"], default="cached",
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes", help="private labelled images: 'shapes' (embedded) or a dataset path")
     g.add_argument("--n", "--n-examples", dest="n", type=int, default=None,
-                   help="n private examples, a subset fixed by --seed (shapes: 20000); torchrun: --n-examples")
+                   help="n private examples, a subset fixed by --seed (shapes: 200000); torchrun: --n-examples")
     g.add_argument("--size", type=int, default=32, help="image side H = W (images are resized to it)")
     g.add_argument("--aug", choices=["crop_flip", "crop"], default="crop_flip",
                    help="reflect-pad-4 crop, and a horizontal flip (not for digits)")
@@ -660,7 +660,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- data and privacy plan: sigma for ALL steps of phases II and III, so the whole run is one plan ---
-    private = private_set(args)
+    private = private_set(args, shapes_n=200_000)  # generated: a large N keeps q, hence sigma, small
     if private.labels is None:
         raise ValueError(f"--data {args.data} has no labels: DP-RandP trains a classifier")
     n_classes = data.check_labels(private, flag=f"--data {args.data}")
